@@ -1,0 +1,226 @@
+"""Attention-level injection through transformers' ``AttentionInterface``.
+
+Every common transformers model computes attention with
+``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)(module, q, k, v, ...)``.
+PrefixPlus registers two implementations, ``prefix_plus_eager`` and ``prefix_plus_sdpa``, that put the prefix keys
+and values of the calling module in front of its real keys and values, extend the attention mask (and T5's
+``position_bias``) with "attend" columns, and hand over to the model's own eager function or to sdpa. Switching a
+model's ``config._attn_implementation`` to one of them is all the model sees; no modeling code is copied.
+
+Which modules are attention layers, and which site (encoder self-, decoder self- or cross-attention) each one
+belongs to, is found by :func:`discover_attention_sites`: one tiny forward pass that records every call made through
+the interface.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+#: Attention implementations PrefixPlus can wrap, and the name of the wrapper registered for each.
+WRAPPED_IMPLEMENTATIONS = {"eager": "prefix_plus_eager", "sdpa": "prefix_plus_sdpa"}
+_PROBE = "prefix_plus_probe"
+_ROUTE_ATTR = "_prefix_plus_route"
+
+
+@dataclass
+class AttentionSite:
+    """The attention modules of one site, in layer order, and their key/value geometry."""
+
+    modules: list[nn.Module] = field(default_factory=list)
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+
+
+def _eager_function(module: nn.Module) -> Callable:
+    """The model's own eager attention function (T5's, for instance, adds ``position_bias``)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise ValueError(
+            f"{type(module).__name__} has no module-level `eager_attention_forward`; PrefixPlus cannot wrap its "
+            "eager attention. Load the model with attn_implementation='sdpa'."
+        )
+    return fn
+
+
+def _base_function(module: nn.Module, implementation: str) -> Callable:
+    return _eager_function(module) if implementation == "eager" else sdpa_attention_forward
+
+
+def _extend_mask(
+    mask: Optional[torch.Tensor], length: int, query: torch.Tensor, key: torch.Tensor, causal: bool, boolean: bool
+) -> Optional[torch.Tensor]:
+    """Add ``length`` "attend" columns in front of ``mask`` (boolean or additive float)."""
+    if mask is None:
+        q_len, k_len = query.shape[2], key.shape[2]
+        if not causal or q_len == 1:
+            return None
+        # sdpa would align `is_causal` to the top left of the longer key; build the bottom-right causal mask instead
+        rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+        allowed = torch.arange(k_len, device=query.device)[None, :] <= rows
+        mask = allowed[None, None]
+        if not boolean:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
+    if mask.dtype == torch.bool:
+        columns = mask.new_ones((*mask.shape[:-1], length))
+    else:
+        columns = mask.new_zeros((*mask.shape[:-1], length))
+    return torch.cat([columns, mask], dim=-1)
+
+
+def _make_prefix_attention(implementation: str) -> Callable:
+    def prefix_attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        base = _base_function(module, implementation)
+        route = getattr(module, _ROUTE_ATTR, None)
+        prefix = None if route is None else route[0].prefix_for(route[1], route[2])
+        if prefix is None:
+            return base(module, query, key, value, attention_mask, **kwargs)
+        prefix_keys, prefix_values = prefix
+        batch, length = key.shape[0], prefix_keys.shape[1]
+        prefix_keys = prefix_keys.to(key.dtype).expand(batch, -1, -1, -1)
+        prefix_values = prefix_values.to(value.dtype).expand(batch, -1, -1, -1)
+        causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+        attention_mask = _extend_mask(attention_mask, length, query, key, causal, boolean=implementation == "sdpa")
+        position_bias = kwargs.get("position_bias")
+        if position_bias is not None:
+            kwargs["position_bias"] = nn.functional.pad(position_bias, (length, 0))
+        key = torch.cat([prefix_keys, key], dim=2)
+        value = torch.cat([prefix_values, value], dim=2)
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    prefix_attention.__name__ = f"prefix_plus_{implementation}_attention"
+    return prefix_attention
+
+
+def register_attention_functions() -> None:
+    """Register the PrefixPlus attention and mask functions with transformers (idempotent)."""
+    masks = {"eager": eager_mask, "sdpa": sdpa_mask}
+    for implementation, name in WRAPPED_IMPLEMENTATIONS.items():
+        AttentionInterface.register(name, _make_prefix_attention(implementation))
+        AttentionMaskInterface.register(name, masks[implementation])
+    AttentionInterface.register(_PROBE, _probe_attention)
+    AttentionMaskInterface.register(_PROBE, eager_mask)
+
+
+_probe_calls: list[tuple[nn.Module, int, int, int, int]] = []
+
+
+def _probe_attention(module, query, key, value, attention_mask, **kwargs):
+    _probe_calls.append((module, query.shape[2], key.shape[2], key.shape[1], key.shape[3]))
+    return _eager_function(module)(module, query, key, value, attention_mask, **kwargs)
+
+
+def model_configs(model: nn.Module) -> list[Any]:
+    """Every distinct transformers config object in ``model`` (T5's encoder and decoder hold copies, for instance)."""
+    configs: dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            configs.setdefault(id(config), config)
+    return list(configs.values())
+
+
+def set_attention_implementation(model: nn.Module, implementations: dict[int, str]) -> None:
+    """Set ``_attn_implementation`` on every config of ``model`` (keyed by ``id(config)``)."""
+    for config in model_configs(model):
+        if id(config) in implementations:
+            config._attn_implementation = implementations[id(config)]
+
+
+def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
+    """Find the attention modules of ``model`` and sort them into sites, with one tiny forward pass.
+
+    The pass feeds 5 encoder tokens and 3 decoder tokens, so a call whose query has 5 positions is encoder
+    self-attention and a decoder call whose keys have 5 positions is cross-attention.
+
+    Args:
+        model (`nn.Module`): A transformers model.
+
+    Returns:
+        `dict[str, AttentionSite]`: ``"self"`` (decoder-only or encoder-only self-attention, or decoder
+        self-attention), and for encoder-decoder models ``"encoder"`` and ``"cross"``.
+
+    Raises:
+        ValueError: If no attention call goes through transformers' AttentionInterface.
+    """
+    config = model.config
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    configs = model_configs(model)
+    saved = {id(c): c._attn_implementation for c in configs}
+    device = next(model.parameters()).device
+    vocab = getattr(config, "vocab_size", None) or 2
+    token = min(1, vocab - 1)
+    inputs = {"input_ids": torch.full((1, 5 if is_encoder_decoder else 3), token, device=device)}
+    if is_encoder_decoder:
+        start = getattr(config, "decoder_start_token_id", None)
+        inputs["decoder_input_ids"] = torch.full((1, 3), token if start is None else start, device=device)
+    was_training = model.training
+    _probe_calls.clear()
+    try:
+        set_attention_implementation(model, {key: _PROBE for key in saved})
+        model.eval()
+        with torch.no_grad():
+            model(**inputs)
+    except Exception as error:  # noqa: BLE001 - re-raised with the model type named
+        raise ValueError(
+            f"PrefixPlus could not run a probe forward pass through {type(model).__name__} "
+            f"(model_type={getattr(config, 'model_type', None)!r}): {error}"
+        ) from error
+    finally:
+        set_attention_implementation(model, saved)
+        model.train(was_training)
+    calls, seen = [], set()
+    for call in _probe_calls:
+        if id(call[0]) not in seen:  # a module called twice (e.g. shared layers) counts once
+            seen.add(id(call[0]))
+            calls.append(call)
+    _probe_calls.clear()
+    if not calls:
+        raise ValueError(
+            f"Model type {getattr(config, 'model_type', type(model).__name__)!r} does not compute attention through "
+            "transformers' AttentionInterface, so PrefixPlus cannot inject prefixes into it. Supported are models "
+            "whose attention calls `ALL_ATTENTION_FUNCTIONS.get_interface(...)`, e.g. Llama, Mistral, Qwen2, GPT-2, "
+            "OPT, T5, BART and BERT; see the README's table of tested families."
+        )
+    sites: dict[str, AttentionSite] = {}
+    for module, q_len, k_len, heads, head_dim in calls:
+        if not is_encoder_decoder:
+            name = "self"
+        elif q_len == 5:
+            name = "encoder"
+        else:
+            name = "cross" if k_len == 5 else "self"
+        site = sites.setdefault(name, AttentionSite(num_key_value_heads=heads, head_dim=head_dim))
+        if (heads, head_dim) != (site.num_key_value_heads, site.head_dim):
+            raise ValueError(
+                f"Attention layers of the '{name}' site of {type(model).__name__} differ in key/value heads or head "
+                "dimension; PrefixPlus supports models whose layers share one attention geometry per site."
+            )
+        site.modules.append(module)
+    return sites
+
+
+def set_route(module: nn.Module, route: Optional[tuple[Any, str, int]]) -> None:
+    """Point an attention module at the PrefixPlus layer, site and layer index it takes its prefix from."""
+    if route is None:
+        if hasattr(module, _ROUTE_ATTR):
+            delattr(module, _ROUTE_ATTR)
+    else:
+        object.__setattr__(module, _ROUTE_ATTR, route)

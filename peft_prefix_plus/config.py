@@ -1,0 +1,189 @@
+"""Configuration of PrefixPlus adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+from peft.utils.constants import DUMMY_TARGET_MODULES
+from transformers.activations import ACT2FN
+
+from .registration import PEFT_TYPE_NAME, _add_peft_type_member
+
+_add_peft_type_member(PEFT_TYPE_NAME)
+
+#: The attention sites a PrefixPlus adapter can reach. ``"self"`` is the self-attention of a decoder-only or
+#: encoder-only model, and the decoder self-attention of an encoder-decoder model.
+SITES: tuple[str, ...] = ("self", "encoder", "cross")
+INIT_WEIGHTS = ("random", "zero")
+
+
+@dataclass
+class PrefixPlusConfig(PeftConfig):
+    """Configuration of a [`PrefixPlusModel`]: prefix tuning at the attention level, with a configurable MLP.
+
+    Every attention layer gets ``n`` trainable "virtual token" keys and values in front of its real keys and values
+    (Li & Liang, 2021). Encoder-decoder models have three distinct sites, each with its own parameters: encoder
+    self-attention, decoder self-attention and decoder cross-attention.
+
+    Args:
+        num_virtual_tokens (`int`): Prefix length at decoder self-attention; for encoder-only models, at their
+            self-attention.
+        encoder_num_virtual_tokens (`int`, *optional*): Prefix length at the encoder self-attention of an
+            encoder-decoder model. `None` means `num_virtual_tokens`, `0` means no encoder prefix.
+        cross_num_virtual_tokens (`int`, *optional*): Prefix length at the decoder cross-attention of an
+            encoder-decoder model. `None` means `num_virtual_tokens`, `0` means no cross-attention prefix.
+        prefix_projection (`bool`): Produce the prefixes with an MLP (the paper's reparametrisation). `False` trains
+            the raw prefixes directly.
+        mlp_hidden_size (`int`, *optional*): Width of each hidden layer of the MLP; `None` means the model's hidden
+            size.
+        mlp_depth (`int`): Number of hidden layers of the MLP; 1 is the paper and stock PEFT.
+        mlp_activation (`str`): Activation between MLP layers, a key of `transformers.activations.ACT2FN`.
+        prefix_dropout (`float`): Dropout applied to the produced prefixes, in training only.
+        layers_to_transform (`list[int]`, *optional*): Indices of the layers that get prefixes, counted within each
+            stack (encoder or decoder). `None` means all layers.
+        offset_position_ids (`bool`): If `True`, the position ids of real tokens start at the prefix length, as in
+            stock PEFT prefix tuning (needed for identical outputs). Decoder-only models only.
+        init_weights (`str`): `"random"` or `"zero"`. `"zero"` makes the initial prefixes zero: with a projection
+            the last MLP layer starts at zero, otherwise the raw prefixes do. Note that zero keys still receive
+            attention, so a zero prefix is not an identity.
+        site_shapes (`dict`, *optional*): Filled in by PrefixPlus when the adapter is created: for each site, the
+            number of layers, key/value heads and head dimension of the model. Used to check that an adapter is
+            loaded onto a matching model and to merge or inspect an adapter without the model.
+        token_dim (`int`, *optional*): Input width of the MLP (the model's hidden size); filled in when the adapter
+            is created.
+        merged_from (`dict`, *optional*): Set by `merge_mlp`: the MLP shape the raw prefixes were produced by.
+
+    Example:
+
+    ```py
+    >>> from peft import get_peft_model
+    >>> from peft_prefix_plus import PrefixPlusConfig
+
+    >>> config = PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=16, mlp_depth=2, mlp_activation="gelu")
+    >>> model = get_peft_model(base_model, config)
+    >>> model.print_trainable_parameters()
+    ```
+    """
+
+    num_virtual_tokens: int = field(
+        default=20,
+        metadata={"help": "Prefix length at decoder self-attention; for encoder-only models, at their self-attention."},
+    )
+    encoder_num_virtual_tokens: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Prefix length at the encoder self-attention of encoder-decoder models. "
+            "None means num_virtual_tokens, 0 means no encoder prefix."
+        },
+    )
+    cross_num_virtual_tokens: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Prefix length at decoder cross-attention. None means num_virtual_tokens, 0 means no cross prefix."
+        },
+    )
+    prefix_projection: bool = field(
+        default=True, metadata={"help": "Produce prefixes with an MLP; False trains raw prefixes directly."}
+    )
+    mlp_hidden_size: Optional[int] = field(
+        default=None, metadata={"help": "Width of each MLP hidden layer; None means the model's hidden size."}
+    )
+    mlp_depth: int = field(default=1, metadata={"help": "Number of MLP hidden layers (1 = the paper and stock PEFT)."})
+    mlp_activation: str = field(
+        default="tanh", metadata={"help": "MLP activation, a name in transformers.activations.ACT2FN."}
+    )
+    prefix_dropout: float = field(default=0.0, metadata={"help": "Dropout on the produced prefixes, training only."})
+    layers_to_transform: Optional[list[int]] = field(
+        default=None, metadata={"help": "Indices of the layers that get prefixes, per stack; None means all."}
+    )
+    offset_position_ids: bool = field(
+        default=False,
+        metadata={"help": "Real tokens' position ids start at the prefix length, as in stock PEFT (decoder-only)."},
+    )
+    init_weights: Literal["random", "zero"] = field(
+        default="random", metadata={"help": 'Initialisation of the prefixes: "random" or "zero".'}
+    )
+    site_shapes: Optional[dict[str, dict[str, int]]] = field(
+        default=None,
+        metadata={"help": "Filled in at creation: per site, num_layers, num_key_value_heads and head_dim."},
+    )
+    token_dim: Optional[int] = field(
+        default=None, metadata={"help": "Filled in at creation: the model's hidden size, input width of the MLP."}
+    )
+    merged_from: Optional[dict] = field(
+        default=None, metadata={"help": "Set by merge_mlp: the MLP shape the raw prefixes were produced by."}
+    )
+    target_modules: Optional[str] = field(
+        default=DUMMY_TARGET_MODULES,
+        metadata={"help": "Not used: PrefixPlus reaches attention through transformers' AttentionInterface."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType[PEFT_TYPE_NAME]
+        self.target_modules = DUMMY_TARGET_MODULES
+        for name in ("num_virtual_tokens", "encoder_num_virtual_tokens", "cross_num_virtual_tokens"):
+            value = getattr(self, name)
+            if value is None and name != "num_virtual_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+        if self.prefix_projection:
+            if isinstance(self.mlp_depth, bool) or not isinstance(self.mlp_depth, int) or self.mlp_depth < 1:
+                raise ValueError(
+                    f"`mlp_depth` must be an integer >= 1 when `prefix_projection=True`, got {self.mlp_depth!r}. "
+                    "Use `prefix_projection=False` for raw prefixes without an MLP."
+                )
+            if self.mlp_hidden_size is not None and (
+                not isinstance(self.mlp_hidden_size, int) or self.mlp_hidden_size < 1
+            ):
+                raise ValueError(f"`mlp_hidden_size` must be a positive integer or None, got {self.mlp_hidden_size!r}.")
+            if self.mlp_activation not in ACT2FN:
+                raise ValueError(
+                    f"Unknown `mlp_activation` {self.mlp_activation!r}; use a name from "
+                    f"transformers.activations.ACT2FN, e.g. 'tanh', 'gelu', 'relu' or 'silu'."
+                )
+        if not 0.0 <= float(self.prefix_dropout) < 1.0:
+            raise ValueError(f"`prefix_dropout` must be in [0, 1), got {self.prefix_dropout!r}.")
+        if self.init_weights not in INIT_WEIGHTS:
+            raise ValueError(f"`init_weights` must be one of {INIT_WEIGHTS}, got {self.init_weights!r}.")
+        if self.layers_to_transform is not None:
+            if isinstance(self.layers_to_transform, int):
+                self.layers_to_transform = [self.layers_to_transform]
+            layers = list(self.layers_to_transform)
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise ValueError(
+                    f"`layers_to_transform` must be a non-empty list of non-negative layer indices, got {layers!r}."
+                )
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"`layers_to_transform` contains duplicates: {layers!r}.")
+            self.layers_to_transform = sorted(layers)
+
+    def site_lengths(self, is_encoder_decoder: bool) -> dict[str, int]:
+        """Prefix length of each site that exists for this kind of model (lengths may be 0).
+
+        Args:
+            is_encoder_decoder (`bool`): Whether the model is an encoder-decoder model.
+        """
+        if not is_encoder_decoder:
+            return {"self": self.num_virtual_tokens}
+        encoder, cross = self.encoder_num_virtual_tokens, self.cross_num_virtual_tokens
+        return {
+            "self": self.num_virtual_tokens,
+            "encoder": self.num_virtual_tokens if encoder is None else encoder,
+            "cross": self.num_virtual_tokens if cross is None else cross,
+        }
+
+    @property
+    def mlp_shape(self) -> Optional[dict]:
+        """The MLP shape as a dict (``None`` for raw prefixes): depth, width and activation."""
+        if not self.prefix_projection:
+            return None
+        return {
+            "depth": self.mlp_depth,
+            "hidden_size": self.mlp_hidden_size or self.token_dim,
+            "activation": self.mlp_activation,
+        }

@@ -1,0 +1,213 @@
+"""The trainable parts of a PrefixPlus adapter: one prefix encoder per attention site and adapter."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .config import PrefixPlusConfig
+
+
+def build_mlp(token_dim: int, hidden_size: int, depth: int, activation: str, out_features: int) -> nn.Sequential:
+    """The prefix MLP: ``depth`` hidden layers of width ``hidden_size``, each followed by ``activation``.
+
+    Args:
+        token_dim (`int`): Input width (the width of the prefix embedding).
+        hidden_size (`int`): Width of each hidden layer.
+        depth (`int`): Number of hidden layers.
+        activation (`str`): Name of the activation in `transformers.activations.ACT2FN`.
+        out_features (`int`): Output width: `num_layers * 2 * num_key_value_heads * head_dim`.
+
+    Example:
+
+    ```py
+    >>> build_mlp(64, 128, 2, "gelu", 4 * 2 * 2 * 16)
+    ```
+    """
+    layers: list[nn.Module] = []
+    in_features = token_dim
+    for _ in range(depth):
+        layers += [nn.Linear(in_features, hidden_size), ACT2FN[activation]]
+        in_features = hidden_size
+    layers.append(nn.Linear(in_features, out_features))
+    return nn.Sequential(*layers)
+
+
+class PrefixSiteEncoder(nn.Module):
+    """Produces the key/value prefixes of one attention site (e.g. decoder self-attention) for all its layers.
+
+    The output has shape ``(num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``: index ``[i, 0]``
+    holds the keys and ``[i, 1]`` the values of the ``i``-th transformed layer, in the layout attention uses. The
+    prefixes do not depend on the batch: they are computed once per forward pass and broadcast over the batch.
+
+    Args:
+        num_virtual_tokens (`int`): Prefix length.
+        layer_indices (`list[int]`): Indices (within the stack) of the layers that get a prefix at this site.
+        num_key_value_heads (`int`): Key/value heads of the model's attention at this site.
+        head_dim (`int`): Head dimension of the model's attention at this site.
+        config ([`PrefixPlusConfig`]): Supplies the projection, MLP, dropout and initialisation settings.
+
+    Example:
+
+    ```py
+    >>> encoder = PrefixSiteEncoder(8, [0, 1, 2, 3], num_key_value_heads=2, head_dim=16, config=config)
+    >>> encoder().shape
+    torch.Size([4, 2, 2, 8, 16])
+    ```
+    """
+
+    def __init__(
+        self,
+        num_virtual_tokens: int,
+        layer_indices: list[int],
+        num_key_value_heads: int,
+        head_dim: int,
+        config: PrefixPlusConfig,
+    ) -> None:
+        super().__init__()
+        num_layers = len(layer_indices)
+        self.slots = {layer: slot for slot, layer in enumerate(layer_indices)}
+        self.shape = (num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)
+        self.dropout = nn.Dropout(config.prefix_dropout)
+        out_features = num_layers * 2 * num_key_value_heads * head_dim
+        if config.prefix_projection:
+            self.embedding = nn.Embedding(num_virtual_tokens, config.token_dim)
+            hidden = config.mlp_hidden_size or config.token_dim
+            self.mlp = build_mlp(config.token_dim, hidden, config.mlp_depth, config.mlp_activation, out_features)
+            if config.init_weights == "zero":
+                nn.init.zeros_(self.mlp[-1].weight)
+                nn.init.zeros_(self.mlp[-1].bias)
+        else:
+            self.prefix = nn.Parameter(torch.empty(self.shape))
+            if config.init_weights == "zero":
+                nn.init.zeros_(self.prefix)
+            else:
+                nn.init.normal_(self.prefix)
+
+    @property
+    def is_projected(self) -> bool:
+        """Whether the prefixes come from an MLP (`True`) or are raw parameters (`False`)."""
+        return hasattr(self, "mlp")
+
+    def project(self) -> torch.Tensor:
+        """Run the MLP (or return the raw prefix), without dropout."""
+        if not self.is_projected:
+            return self.prefix
+        num_layers, _, heads, length, head_dim = self.shape
+        out = self.mlp(self.embedding.weight)  # (length, num_layers * 2 * heads * head_dim)
+        return out.view(length, num_layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4)
+
+    def forward(self) -> torch.Tensor:
+        return self.dropout(self.project())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Replace the embedding and MLP by the raw prefixes they produce, computed once in float32."""
+        if not self.is_projected:
+            return
+        mlp, embedding = self.mlp.float(), self.embedding.float()
+        raw = mlp(embedding.weight)
+        num_layers, _, heads, length, head_dim = self.shape
+        raw = raw.view(length, num_layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
+        del self.mlp, self.embedding
+        self.prefix = nn.Parameter(raw)
+
+
+class PrefixPlusLayer(nn.Module, BaseTunerLayer):
+    """Holds the prefix encoders of every adapter, keyed ``[adapter_name][site]``, and hands out their prefixes.
+
+    It replaces no module of the base model; it is attached to the model so that PEFT's adapter switching
+    (`set_adapter`, `disable_adapter`, `delete_adapter`) reaches it like any other tuner layer.
+    """
+
+    adapter_layer_names = ("prefix_plus_sites",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefix_plus_sites = nn.ModuleDict()
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.merged_adapters = []
+        # site -> [(layer index -> slot, prefixes of one adapter)], valid for the current forward pass
+        self._prefixes: dict[str, list[tuple[dict[int, int], torch.Tensor]]] = {}
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: PrefixPlusConfig,
+        lengths: dict[str, int],
+        site_layers: dict[str, list[int]],
+    ) -> None:
+        """Create the prefix encoders of ``adapter_name`` for every site whose length is non-zero.
+
+        Args:
+            adapter_name (`str`): The adapter name.
+            config ([`PrefixPlusConfig`]): The adapter's configuration (with `site_shapes` filled in).
+            lengths (`dict[str, int]`): Prefix length per site.
+            site_layers (`dict[str, list[int]]`): Indices of the transformed layers per site.
+        """
+        sites = nn.ModuleDict()
+        for site, length in lengths.items():
+            if length == 0 or not site_layers.get(site):
+                continue
+            shape = config.site_shapes[site]
+            sites[site] = PrefixSiteEncoder(
+                length, site_layers[site], shape["num_key_value_heads"], shape["head_dim"], config
+            )
+        self.prefix_plus_sites[adapter_name] = sites
+
+    def refresh(self, sites: tuple[str, ...]) -> None:
+        """Compute the prefixes of ``sites`` for the coming forward pass: once per site and adapter, all layers at once.
+
+        Args:
+            sites (`tuple[str, ...]`): The sites to compute.
+        """
+        for site in sites:
+            self._prefixes.pop(site, None)
+        if self.disable_adapters:
+            return
+        for site in sites:
+            entries = [
+                (encoder.slots, encoder()) for encoder in self._active_encoders(site)
+            ]
+            if entries:
+                self._prefixes[site] = entries
+
+    def _active_encoders(self, site: str) -> list[PrefixSiteEncoder]:
+        return [
+            self.prefix_plus_sites[name][site]
+            for name in self.active_adapters
+            if name in self.prefix_plus_sites and site in self.prefix_plus_sites[name]
+        ]
+
+    def prefix_for(self, site: str, layer: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``(keys, values)`` prefix of layer ``layer`` of ``site`` for this forward pass, or ``None``.
+
+        Each has shape ``(num_key_value_heads, prefix_length, head_dim)``. Several active adapters contribute their
+        prefixes one after the other.
+        """
+        keys, values = [], []
+        for slots, prefix in self._prefixes.get(site, ()):
+            slot = slots.get(layer)
+            if slot is not None:
+                keys.append(prefix[slot, 0])
+                values.append(prefix[slot, 1])
+        if not keys:
+            return None
+        if len(keys) == 1:
+            return keys[0], values[0]
+        return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+    def active_length(self, site: str) -> int:
+        """Total prefix length of the active adapters at ``site`` (0 when disabled)."""
+        if self.disable_adapters:
+            return 0
+        return sum(encoder.shape[3] for encoder in self._active_encoders(site))
+
+    def clear(self) -> None:
+        """Drop the prefixes of the last forward pass (and the autograd graph they hold)."""
+        self._prefixes.clear()
