@@ -134,6 +134,8 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         # site -> [(layer index -> slot, prefixes of one adapter)], valid for the current forward pass
         self._prefixes: dict[str, list[tuple[dict[int, int], torch.Tensor]]] = {}
+        # set by PrefixPlusModel when the model uses activation checkpointing
+        self.checkpointing = False
 
     def update_layer(
         self,
@@ -171,11 +173,20 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters:
             return
         for site in sites:
-            entries = [
-                (encoder.slots, encoder()) for encoder in self._active_encoders(site)
-            ]
+            entries = [(encoder.slots, self._produce(encoder)) for encoder in self._active_encoders(site)]
             if entries:
                 self._prefixes[site] = entries
+
+    def _produce(self, encoder: PrefixSiteEncoder) -> torch.Tensor:
+        prefix = encoder()
+        if not (self.checkpointing and prefix.requires_grad and prefix.grad_fn is not None):
+            return prefix
+        # Under reentrant activation checkpointing every layer runs its own backward pass, and a shared MLP graph
+        # would be walked (and freed) by the first of them. The layers therefore read a detached copy, and each
+        # gradient arriving at it is sent on through the MLP graph, which is kept until the next forward pass.
+        detached = prefix.detach().requires_grad_(True)
+        detached.register_hook(lambda grad: prefix.backward(grad, retain_graph=True))
+        return detached
 
     def _active_encoders(self, site: str) -> list[PrefixSiteEncoder]:
         return [

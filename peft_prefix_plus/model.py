@@ -124,6 +124,8 @@ class PrefixPlusModel(BaseTuner):
             else:  # the encoder is not a separate module: compute its prefixes with the others
                 self._top_sites += ("encoder",)
         self._accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        # modules carrying transformers' `gradient_checkpointing` flag, read before every forward pass
+        self._checkpointing_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         return sites
 
     def _check_config(self, config: PrefixPlusConfig, sites: dict[str, AttentionSite], lengths: dict[str, int]) -> None:
@@ -188,6 +190,9 @@ class PrefixPlusModel(BaseTuner):
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         layer = self._layer
+        layer.checkpointing = module.training and any(
+            getattr(m, "gradient_checkpointing", False) is True for m in self._checkpointing_modules
+        )
         layer.refresh(self._top_sites)
         if self._uses_position_offset():
             kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"))

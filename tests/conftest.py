@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny models of every tested family, built from configs (no Hub access)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import peft_prefix_plus  # noqa: F401 - registers PREFIX_PLUS
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers.logging.set_verbosity_error()
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+VOCAB = 100
+
+
+def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+    """A tiny randomly initialised model of ``family`` and its PEFT task type.
+
+    Families: gpt2, llama (grouped-query attention), opt, t5, bart, bert (sequence classification).
+    """
+    torch.manual_seed(seed)
+    common = {"vocab_size": VOCAB, "attn_implementation": attn_implementation}
+    if family == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common)
+        return transformers.GPT2LMHeadModel(config), "CAUSAL_LM"
+    if family == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common,
+        )
+        return transformers.LlamaForCausalLM(config), "CAUSAL_LM"
+    if family == "opt":
+        config = transformers.OPTConfig(
+            hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common,
+        )
+        return transformers.OPTForCausalLM(config), "CAUSAL_LM"
+    if family == "t5":
+        config = transformers.T5Config(
+            d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, decoder_start_token_id=0,
+            pad_token_id=0, eos_token_id=1, dropout_rate=0.0, **common,
+        )
+        return transformers.T5ForConditionalGeneration(config), "SEQ_2_SEQ_LM"
+    if family == "bart":
+        config = transformers.BartConfig(
+            d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128, dropout=0.0, attention_dropout=0.0,
+            **common,
+        )
+        return transformers.BartForConditionalGeneration(config), "SEQ_2_SEQ_LM"
+    if family == "bert":
+        config = transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=128, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            **common,
+        )
+        return transformers.BertForSequenceClassification(config), "SEQ_CLS"
+    raise ValueError(f"unknown family {family}")
+
+
+def batch_for(task_type: str, batch_size: int = 2, seq_len: int = 6, seed: int = 1, left_pad: bool = True) -> dict:
+    """A small input batch for ``task_type``, left-padded in its last row, with labels."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    if left_pad and batch_size > 1:
+        input_ids[-1, :2] = 0
+        attention_mask[-1, :2] = 0
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if task_type == "SEQ_2_SEQ_LM":
+        batch["labels"] = torch.randint(3, VOCAB, (batch_size, 4), generator=generator)
+    elif task_type == "CAUSAL_LM":
+        batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
+    elif task_type == "SEQ_CLS":
+        batch["labels"] = torch.randint(0, 3, (batch_size,), generator=generator)
+    return batch
+
+
+def site_kwargs(task_type: str) -> dict:
+    """Distinct lengths for all three sites on encoder-decoder models, none otherwise."""
+    if task_type == "SEQ_2_SEQ_LM":
+        return {"encoder_num_virtual_tokens": 2, "cross_num_virtual_tokens": 5}
+    return {}
+
+
+@pytest.fixture
+def make_model():
+    return tiny_model
