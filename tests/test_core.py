@@ -1,0 +1,244 @@
+"""Core behaviour of PrefixPlus on every tested model family, under eager and sdpa attention."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import batch_for, site_kwargs, tiny_model
+from peft import PeftModel, PrefixTuningConfig, get_peft_model
+
+from peft_prefix_plus import PrefixPlusConfig
+
+FAMILIES = ["gpt2", "llama", "opt", "t5", "bart", "bert"]
+IMPLEMENTATIONS = ["eager", "sdpa"]
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A reference copy of the base model, frozen like the base inside a PeftModel (sdpa picks its kernel by it)."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def forward(model, batch):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "labels" in batch and batch["labels"].dim() == 2 and "input_ids" in inputs and model.config.is_encoder_decoder:
+        inputs["labels"] = batch["labels"]
+    return model(**inputs).logits
+
+
+def expected_site_parameters(config: PrefixPlusConfig, layers: int, heads: int, head_dim: int, length: int) -> int:
+    """Parameter count of one site, as documented in the README."""
+    out = layers * 2 * heads * head_dim
+    if not config.prefix_projection:
+        return length * out
+    width, token_dim = config.mlp_hidden_size or config.token_dim, config.token_dim
+    hidden = token_dim * width + width + (config.mlp_depth - 1) * (width * width + width)
+    return length * token_dim + hidden + width * out + out
+
+
+@pytest.mark.parametrize("attn", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trainability_effect_and_isolation(family, attn):
+    base, task = tiny_model(family, attn)
+    reference = frozen_copy(base)
+    batch = batch_for(task)
+    config = PrefixPlusConfig(task_type=task, num_virtual_tokens=3, mlp_depth=2, **site_kwargs(task))
+    model = get_peft_model(base, config)
+    model.eval()
+
+    # only adapter parameters are trainable, and PEFT counts exactly them
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".prefix_plus_sites.default." in n for n in trainable)
+    lengths = config.site_lengths(base.config.is_encoder_decoder)
+    expected = sum(
+        expected_site_parameters(
+            config, shape["num_layers"], shape["num_key_value_heads"], shape["head_dim"], lengths[site]
+        )
+        for site, shape in config.site_shapes.items()
+    )
+    assert model.get_nb_trainable_parameters()[0] == expected == sum(p.numel() for p in trainable.values())
+
+    with torch.no_grad():
+        base_logits = forward(reference, batch)
+        adapted = forward(model, batch)
+        # the adapter changes the outputs (BERT's initialisation makes its logits small, hence a relative measure)
+        assert (adapted - base_logits).abs().max() > 1e-3 * base_logits.abs().max()
+        with model.disable_adapter():
+            assert torch.equal(forward(model, batch), base_logits)
+        assert torch.equal(forward(model, batch), adapted)  # re-enabled afterwards
+
+    # after one backward pass every site has non-zero gradients and the base model none
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    sites_with_grad = set()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+            sites_with_grad.add(name.split(".prefix_plus_sites.default.")[1].split(".")[0])
+        else:
+            assert param.grad is None, name
+    assert sites_with_grad == set(config.site_shapes)
+
+    # unload gives back the base model, computing exactly as before
+    unloaded = model.unload()
+    assert not any("prefix_plus" in n for n, _ in unloaded.named_parameters())
+    unloaded.eval().requires_grad_(False)
+    with torch.no_grad():
+        assert torch.equal(forward(unloaded, batch), base_logits)
+    assert {c._attn_implementation for c in [unloaded.config]} == {attn}
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_sites(family):
+    base, task = tiny_model(family)
+    batch = batch_for(task)
+    encoder_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        base_encoded = frozen_copy(base).get_encoder()(**encoder_inputs).last_hidden_state
+
+    # stock PEFT prefix tuning leaves the encoder untouched
+    stock = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type=task, num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        assert torch.equal(stock.get_encoder()(**encoder_inputs).last_hidden_state, base_encoded)
+
+    model = get_peft_model(copy.deepcopy(base), PrefixPlusConfig(task_type=task, num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        encoded = model.get_encoder()(**encoder_inputs).last_hidden_state
+    assert (encoded - base_encoded).abs().max() > 1e-4
+
+    sites = model.base_model.prefix_plus_layer.prefix_plus_sites["default"]
+    assert set(sites) == {"self", "encoder", "cross"}
+    self_params = {id(p) for p in sites["self"].parameters()}
+    assert not self_params & {id(p) for p in sites["cross"].parameters()}
+
+    # a site of length 0 has no parameters and no effect
+    no_cross = get_peft_model(
+        copy.deepcopy(base), PrefixPlusConfig(task_type=task, num_virtual_tokens=3, cross_num_virtual_tokens=0)
+    )
+    no_cross_sites = no_cross.base_model.prefix_plus_layer.prefix_plus_sites["default"]
+    assert set(no_cross_sites) == {"self", "encoder"}
+    assert not any(".cross." in n for n, _ in no_cross.named_parameters())
+
+
+def test_prefixes_are_computed_once_per_forward_pass():
+    base, task = tiny_model("t5")
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3, mlp_depth=2))
+    calls = {}
+    for site, encoder in model.base_model.prefix_plus_layer.prefix_plus_sites["default"].items():
+        encoder.mlp.register_forward_hook(lambda *_, site=site: calls.__setitem__(site, calls.get(site, 0) + 1))
+    model(**batch_for(task, batch_size=4))
+    assert calls == {"self": 1, "encoder": 1, "cross": 1}
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_configurable_mlp_counts_and_trains(depth):
+    base, task = tiny_model("llama")
+    config = PrefixPlusConfig(
+        task_type=task, num_virtual_tokens=4, mlp_depth=depth, mlp_hidden_size=24, mlp_activation="gelu"
+    )
+    model = get_peft_model(base, config)
+    shape = config.site_shapes["self"]
+    expected = expected_site_parameters(config, shape["num_layers"], shape["num_key_value_heads"], shape["head_dim"], 4)
+    assert model.get_nb_trainable_parameters()[0] == expected
+    mlp = model.base_model.prefix_plus_layer.prefix_plus_sites["default"]["self"].mlp
+    assert sum(isinstance(m, torch.nn.Linear) for m in mlp) == depth + 1
+    assert type(mlp[1]).__name__ == "GELUActivation"
+
+    batch = batch_for(task, batch_size=4, left_pad=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    model.train()
+    for _ in range(20):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_raw_prefixes_without_projection():
+    base, task = tiny_model("llama")
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=4, prefix_projection=False))
+    encoder = model.base_model.prefix_plus_layer.prefix_plus_sites["default"]["self"]
+    assert not encoder.is_projected
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "base_model.model.prefix_plus_layer.prefix_plus_sites.default.self.prefix"
+    ]
+    assert encoder.prefix.shape == (2, 2, 2, 4, 8)  # layers, key/value, kv heads, length, head_dim
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_gradient_checkpointing_matches(family):
+    def run(checkpointing, reentrant=False):
+        base, task = tiny_model(family)
+        model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3, mlp_depth=2))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        loss = model(**batch_for(task)).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = run(False)
+    for reentrant in (False, True):
+        loss_ckpt, grads_ckpt = run(True, reentrant)
+        torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-6)
+        assert grads_ckpt.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-6)
+
+
+def test_stock_peft_refuses_gradient_checkpointing():
+    base, task = tiny_model("llama")
+    stock = get_peft_model(base, PrefixTuningConfig(task_type=task, num_virtual_tokens=3)).train()
+    stock(**batch_for(task)).loss.backward()  # works without checkpointing
+    stock.gradient_checkpointing_enable()
+    # with checkpointing, transformers drops the cache that carries stock PEFT's prefix, and the forward pass fails
+    with pytest.raises((ValueError, RuntimeError)):
+        stock(**batch_for(task)).loss.backward()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "t5", "bart"])
+def test_generation(family):
+    base, task = tiny_model(family)
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3, **site_kwargs(task))).eval()
+    batch = batch_for(task, batch_size=3, seq_len=5)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    common = {"max_new_tokens": 6, "pad_token_id": 0, "eos_token_id": None}
+    scored = {"do_sample": False, "output_scores": True, "return_dict_in_generate": True, **common}
+    cached = model.generate(**inputs, **scored)
+    recomputed = model.generate(**inputs, use_cache=False, **scored)
+    greedy = cached.sequences
+    assert torch.equal(greedy, recomputed.sequences)  # the cache and a full recompute agree
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(recomputed.scores), rtol=1e-4, atol=1e-5)
+    with model.disable_adapter():
+        base_scores = torch.stack(model.generate(**inputs, **scored).scores)
+    assert not torch.allclose(base_scores, torch.stack(cached.scores))  # the prefix steers generation
+    beams = model.generate(**inputs, num_beams=3, num_return_sequences=2, **common)
+    sampled = model.generate(**inputs, do_sample=True, top_k=5, **common)
+    new_tokens = 6 if not base.config.is_encoder_decoder else 6 + 1
+    assert beams.shape[0] == 6 and sampled.shape[0] == 3
+    assert greedy.shape[1] == (5 + new_tokens if not base.config.is_encoder_decoder else new_tokens)
+
+
+def test_unsupported_model_type_is_named():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    base = BloomForCausalLM(BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4))
+    with pytest.raises(ValueError, match=r"'bloom'.*AttentionInterface"):
+        get_peft_model(base, PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+
+
+def test_peft_model_from_pretrained_roundtrip_identity(tmp_path):
+    base, task = tiny_model("llama")
+    model = get_peft_model(copy.deepcopy(base), PrefixPlusConfig(task_type=task, num_virtual_tokens=3)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    batch = batch_for(task)
+    with torch.no_grad():
+        assert torch.equal(forward(loaded, batch), forward(model, batch))
