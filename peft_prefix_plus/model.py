@@ -237,6 +237,43 @@ class PrefixPlusModel(BaseTuner):
         self._layer.enable_adapters(False)
         self._layer.clear()
 
+    def merge_mlp(self, adapter_names: Optional[list[str]] = None) -> list[str]:
+        """Replace the prefix MLP of adapters by the raw prefixes it produces, computed once in float32.
+
+        The outputs do not change; afterwards the adapter trains, saves and loads as a raw prefix, and its config
+        records the merge (`prefix_projection=False`, `merged_from`). Reachable as `peft_model.merge_mlp()`.
+
+        Args:
+            adapter_names (`list[str]`, *optional*): The adapters to merge; `None` means the active adapters.
+
+        Returns:
+            `list[str]`: The adapters merged (an adapter that is already raw is skipped with a warning).
+
+        Example:
+
+        ```py
+        >>> peft_model.merge_mlp()
+        ['default']
+        ```
+        """
+        from .merge import merge_mlp
+
+        return merge_mlp(self, adapter_names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete the adapter ``adapter_name``; if it was active, the first remaining adapter becomes active.
+
+        Args:
+            adapter_name (`str`): Name of the adapter to delete.
+        """
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; adapters: {sorted(self.peft_config)}.")
+        del self.peft_config[adapter_name]
+        # PEFT's generic deletion skips modules whose name contains the method prefix, as ours does
+        layer = self._layer
+        layer.delete_adapter(adapter_name)
+        self.active_adapter = layer.active_adapters[:]
+
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
         raise ValueError(
             "Prefixes cannot be merged into the base model's weights. Use `unload()` to get the base model back, "
