@@ -174,7 +174,7 @@ def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
     was_training = model.training
     _probe_calls.clear()
     try:
-        set_attention_implementation(model, {key: _PROBE for key in saved})
+        set_attention_implementation(model, dict.fromkeys(saved, _PROBE))
         model.eval()
         with torch.no_grad():
             model(**inputs)

@@ -70,7 +70,9 @@ class PrefixPlusConfig(PeftConfig):
 
     num_virtual_tokens: int = field(
         default=20,
-        metadata={"help": "Prefix length at decoder self-attention; for encoder-only models, at their self-attention."},
+        metadata={
+            "help": "Prefix length at decoder self-attention; for encoder-only models, at their self-attention."
+        },
     )
     encoder_num_virtual_tokens: Optional[int] = field(
         default=None,
@@ -140,7 +142,9 @@ class PrefixPlusConfig(PeftConfig):
             if self.mlp_hidden_size is not None and (
                 not isinstance(self.mlp_hidden_size, int) or self.mlp_hidden_size < 1
             ):
-                raise ValueError(f"`mlp_hidden_size` must be a positive integer or None, got {self.mlp_hidden_size!r}.")
+                raise ValueError(
+                    f"`mlp_hidden_size` must be a positive integer or None, got {self.mlp_hidden_size!r}."
+                )
             if self.mlp_activation not in ACT2FN:
                 raise ValueError(
                     f"Unknown `mlp_activation` {self.mlp_activation!r}; use a name from "

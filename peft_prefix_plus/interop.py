@@ -64,7 +64,9 @@ def site_tensor_to_stock(prefix: torch.Tensor) -> torch.Tensor:
     ```
     """
     if prefix.dim() != 5 or prefix.shape[1] != 2:
-        raise ValueError(f"A PrefixPlus site tensor has shape (layers, 2, kv_heads, length, head_dim), got {tuple(prefix.shape)}.")
+        raise ValueError(
+            f"A PrefixPlus site tensor has shape (layers, 2, kv_heads, length, head_dim), got {tuple(prefix.shape)}."
+        )
     layers, _, heads, length, head_dim = prefix.shape
     return prefix.permute(3, 0, 1, 2, 4).reshape(length, layers * 2 * heads * head_dim).contiguous()
 

@@ -70,7 +70,11 @@ class PrefixPlusModel(BaseTuner):
         lengths = config.site_lengths(self._is_encoder_decoder)
         self._check_config(config, sites, lengths)
         site_layers = {
-            site: [i for i in range(len(sites[site].modules)) if config.layers_to_transform is None or i in config.layers_to_transform]
+            site: [
+                i
+                for i in range(len(sites[site].modules))
+                if config.layers_to_transform is None or i in config.layers_to_transform
+            ]
             for site in sites
         }
         layer: PrefixPlusLayer = getattr(model, LAYER_ATTR)
@@ -92,9 +96,7 @@ class PrefixPlusModel(BaseTuner):
         register_attention_functions()
         config = getattr(model, "config", None)
         if config is None or not hasattr(config, "_attn_implementation"):
-            raise ValueError(
-                f"PrefixPlus needs a transformers model (PreTrainedModel), got {type(model).__name__}."
-            )
+            raise ValueError(f"PrefixPlus needs a transformers model (PreTrainedModel), got {type(model).__name__}.")
         self._is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         saved = {id(c): c._attn_implementation for c in model_configs(model)}
         unsupported = {impl for impl in saved.values() if impl not in WRAPPED_IMPLEMENTATIONS}
@@ -128,7 +130,9 @@ class PrefixPlusModel(BaseTuner):
         self._checkpointing_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         return sites
 
-    def _check_config(self, config: PrefixPlusConfig, sites: dict[str, AttentionSite], lengths: dict[str, int]) -> None:
+    def _check_config(
+        self, config: PrefixPlusConfig, sites: dict[str, AttentionSite], lengths: dict[str, int]
+    ) -> None:
         model_type = getattr(self.model.config, "model_type", type(self.model).__name__)
         if not self._is_encoder_decoder:
             for name in ("encoder_num_virtual_tokens", "cross_num_virtual_tokens"):

@@ -26,37 +26,78 @@ def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, **
     torch.manual_seed(seed)
     common = {"vocab_size": VOCAB, "attn_implementation": attn_implementation}
     if family == "gpt2":
-        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common)
+        config = transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common
+        )
         return transformers.GPT2LMHeadModel(config), "CAUSAL_LM"
     if family == "llama":
         config = transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            **common,
         )
         return transformers.LlamaForCausalLM(config), "CAUSAL_LM"
     if family == "opt":
         config = transformers.OPTConfig(
-            hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
-            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            **common,
         )
         return transformers.OPTForCausalLM(config), "CAUSAL_LM"
     if family == "t5":
         config = transformers.T5Config(
-            d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, decoder_start_token_id=0,
-            pad_token_id=0, eos_token_id=1, dropout_rate=0.0, **common,
+            d_model=32,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            d_kv=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            dropout_rate=0.0,
+            **common,
         )
         return transformers.T5ForConditionalGeneration(config), "SEQ_2_SEQ_LM"
     if family == "bart":
         config = transformers.BartConfig(
-            d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128, dropout=0.0, attention_dropout=0.0,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            dropout=0.0,
+            attention_dropout=0.0,
             **common,
         )
         return transformers.BartForConditionalGeneration(config), "SEQ_2_SEQ_LM"
     if family == "bert":
         config = transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=128, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            num_labels=3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
             **common,
         )
         return transformers.BertForSequenceClassification(config), "SEQ_CLS"

@@ -34,9 +34,7 @@ def logits(model, batch):
 
 
 def adapter_state(model, adapter="default"):
-    return {
-        n: p.detach().clone() for n, p in model.named_parameters() if f".prefix_plus_sites.{adapter}." in n
-    }
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".prefix_plus_sites.{adapter}." in n}
 
 
 @pytest.mark.parametrize("family", ["llama", "t5", "bert"])

@@ -142,7 +142,9 @@ def test_configurable_mlp_counts_and_trains(depth):
     )
     model = get_peft_model(base, config)
     shape = config.site_shapes["self"]
-    expected = expected_site_parameters(config, shape["num_layers"], shape["num_key_value_heads"], shape["head_dim"], 4)
+    expected = expected_site_parameters(
+        config, shape["num_layers"], shape["num_key_value_heads"], shape["head_dim"], 4
+    )
     assert model.get_nb_trainable_parameters()[0] == expected
     mlp = model.base_model.prefix_plus_layer.prefix_plus_sites["default"]["self"].mlp
     assert sum(isinstance(m, torch.nn.Linear) for m in mlp) == depth + 1
