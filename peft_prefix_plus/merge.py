@@ -1,0 +1,170 @@
+"""Merging the prefix MLP into raw prefixes, in memory.
+
+The MLP of a PrefixPlus adapter is a training device: once training is done only its output matters. Merging runs
+the MLP once, in float32 whatever the model's dtype, and replaces the embedding and MLP of every site by the raw
+prefix parameters they produce. The merged adapter gives the same outputs, is as small as a prefix can be, skips
+the MLP in the forward pass, and can be trained further as a raw prefix.
+
+The same computation (:func:`project_in_float32`) serves the on-disk merge of
+:func:`peft_prefix_plus.adapter_files.merge_adapter`, so both give identical tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import PrefixPlusConfig
+from .layer import PrefixSiteEncoder
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import PrefixPlusModel
+
+
+@torch.no_grad()
+def project_in_float32(
+    embedding: torch.Tensor, mlp: nn.Sequential, shape: tuple[int, int, int, int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """Run a prefix MLP once in float32 and return the raw prefix in the site layout, cast to ``dtype``.
+
+    ``mlp`` is converted to float32 in place: pass a copy if the original must keep its dtype.
+
+    Args:
+        embedding (`torch.Tensor`): The prefix embedding, shape ``(num_virtual_tokens, token_dim)``.
+        mlp (`nn.Sequential`): The prefix MLP (see `peft_prefix_plus.layer.build_mlp`).
+        shape (`tuple`): The site shape ``(num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``.
+        dtype (`torch.dtype`): The dtype of the result (the dtype of the adapter's parameters).
+
+    Returns:
+        `torch.Tensor`: The raw prefix of shape ``shape``, contiguous.
+
+    Example:
+
+    ```py
+    >>> raw = project_in_float32(encoder.embedding.weight, copy.deepcopy(encoder.mlp), encoder.shape, torch.float32)
+    ```
+    """
+    num_layers, _, heads, length, head_dim = shape
+    # fresh, aligned memory: loaded (memory-mapped) tensors could otherwise take another matmul path
+    out = mlp.float()(embedding.to(torch.float32, copy=True))
+    raw = out.view(length, num_layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
+    return raw.to(dtype)
+
+
+def merge_site_encoder(encoder: PrefixSiteEncoder) -> bool:
+    """Replace the embedding and MLP of one site encoder by the raw prefix they produce, and free the MLP.
+
+    The raw prefix keeps the dtype, device and trainability of the MLP's parameters.
+
+    Args:
+        encoder ([`PrefixSiteEncoder`]): The encoder to merge.
+
+    Returns:
+        `bool`: `True` if the encoder was merged, `False` if it already held a raw prefix.
+
+    Example:
+
+    ```py
+    >>> merge_site_encoder(peft_model.base_model.model.prefix_plus_layer.prefix_plus_sites["default"]["self"])
+    True
+    ```
+    """
+    if not encoder.is_projected:
+        return False
+    last = encoder.mlp[-1].weight
+    raw = project_in_float32(encoder.embedding.weight, copy.deepcopy(encoder.mlp), encoder.shape, last.dtype)
+    requires_grad = last.requires_grad
+    del encoder.mlp, encoder.embedding
+    encoder.prefix = nn.Parameter(raw, requires_grad=requires_grad)
+    return True
+
+
+def merged_from_record(config: PrefixPlusConfig) -> dict:
+    """What `merge_mlp` records in ``config.merged_from``: the shape of the MLP the raw prefixes came from.
+
+    Args:
+        config ([`PrefixPlusConfig`]): The configuration of an adapter with ``prefix_projection=True``.
+
+    Example:
+
+    ```py
+    >>> merged_from_record(PrefixPlusConfig(mlp_depth=3, mlp_activation="gelu", token_dim=32))
+    {'depth': 3, 'hidden_size': 32, 'activation': 'gelu', 'token_dim': 32}
+    ```
+    """
+    return {
+        "depth": config.mlp_depth,
+        "hidden_size": config.mlp_hidden_size or config.token_dim,
+        "activation": config.mlp_activation,
+        "token_dim": config.token_dim,
+    }
+
+
+def mark_config_merged(config: PrefixPlusConfig) -> None:
+    """Record a merge in an adapter configuration: ``prefix_projection=False`` and ``merged_from`` set.
+
+    Args:
+        config ([`PrefixPlusConfig`]): The configuration to update in place.
+
+    Example:
+
+    ```py
+    >>> mark_config_merged(peft_model.peft_config["default"])
+    ```
+    """
+    config.merged_from = merged_from_record(config)
+    config.prefix_projection = False
+
+
+def merge_mlp(tuner: PrefixPlusModel, adapter_names: Optional[Union[str, Iterable[str]]] = None) -> list[str]:
+    """Merge the prefix MLP of PrefixPlus adapters into raw prefixes (see `PrefixPlusModel.merge_mlp`).
+
+    Args:
+        tuner ([`PrefixPlusModel`]): The PrefixPlus tuner (``peft_model.base_model``).
+        adapter_names (`str` or `list[str]`, *optional*): The adapters to merge; `None` means the active adapters.
+
+    Returns:
+        `list[str]`: The adapters that were merged. Adapters that were already raw are skipped with a warning.
+
+    Example:
+
+    ```py
+    >>> merge_mlp(peft_model.base_model)
+    ['default']
+    ```
+    """
+    if adapter_names is None:
+        names = list(tuner.active_adapters)
+    elif isinstance(adapter_names, str):
+        names = [adapter_names]
+    else:
+        names = list(adapter_names)
+    layer = tuner._layer
+    unknown = [name for name in names if name not in tuner.peft_config or name not in layer.prefix_plus_sites]
+    if unknown:
+        raise ValueError(
+            f"No PrefixPlus adapter named {unknown}; the model has {sorted(layer.prefix_plus_sites.keys())}."
+        )
+    merged = []
+    for name in names:
+        config: PrefixPlusConfig = tuner.peft_config[name]
+        encoders = list(layer.prefix_plus_sites[name].values())
+        if not any(encoder.is_projected for encoder in encoders):
+            warnings.warn(
+                f"PrefixPlus adapter {name!r} already holds raw prefixes (prefix_projection=False): "
+                "there is no MLP to merge, nothing was changed.",
+                UserWarning,
+                stacklevel=3,
+            )
+            continue
+        for encoder in encoders:
+            merge_site_encoder(encoder)
+        mark_config_merged(config)
+        merged.append(name)
+    layer.clear()
+    return merged

@@ -1,0 +1,345 @@
+"""The ``prefix-plus`` command line and its functions: merge, inspect, export-peft, import-peft, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import batch_for, site_kwargs, tiny_model
+from peft import PeftModel, PrefixTuningConfig, get_peft_model
+
+from peft_prefix_plus import (
+    AdapterFileError,
+    PrefixPlusConfig,
+    export_to_peft,
+    import_from_peft,
+    inspect_adapter,
+    merge_adapter,
+)
+from peft_prefix_plus.adapter_files import read_adapter_tensors
+from peft_prefix_plus.cli import main
+
+TOLERANCE = 1e-5
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tree_hash(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def logits(model, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def save_prefix_plus(directory: Path, family: str, **overrides) -> Path:
+    base, task_type = tiny_model(family)
+    config = PrefixPlusConfig(task_type=task_type, num_virtual_tokens=3, **{**site_kwargs(task_type), **overrides})
+    get_peft_model(base, config).save_pretrained(directory)
+    return directory
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+# ---------------------------------------------------------------------------------------------------- inspect
+def test_inspect_human_and_json(tmp_path, capsys):
+    src = save_prefix_plus(tmp_path / "t5", "t5", mlp_depth=2, mlp_activation="gelu", layers_to_transform=[1])
+    code, out, _ = run_cli(capsys, "inspect", src, "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info == json.loads(json.dumps(inspect_adapter(src)))
+    assert {site: (s["num_virtual_tokens"], s["layers"]) for site, s in info["sites"].items()} == {
+        "self": (3, [1]),
+        "encoder": (2, [1]),
+        "cross": (5, [1]),
+    }
+    assert info["mlp"] == {"depth": 2, "hidden_size": 32, "activation": "gelu"}
+    assert info["merged"] is False
+    tensors, _ = read_adapter_tensors(src)
+    assert info["num_parameters"] == sum(t.numel() for t in tensors.values())
+    assert info["size_on_disk"] == sum(p.stat().st_size for p in src.iterdir())
+
+    code, out, _ = run_cli(capsys, "merge", src, tmp_path / "merged")
+    assert code == 0 and "Wrote" in out
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "merged")
+    assert code == 0
+    assert "raw (no MLP)" in out and "merged:          yes, from an MLP with" in out and "depth 2" in out
+    assert "cross    prefix length 5, layers 1 (of 2)" in out
+    merged = inspect_adapter(tmp_path / "merged")
+    assert merged["num_parameters"] == merged["raw_prefix_parameters"] == 3 * 64 + 2 * 64 + 5 * 64
+    assert f"{merged['num_parameters']:,} (raw prefixes" in out
+
+
+# ---------------------------------------------------------------------------------------------------- export/import
+EXPORT_CASES = {"gpt2": ("gpt2", {}), "llama-deep-gelu": ("llama", {"mlp_depth": 3, "mlp_activation": "gelu"})}
+
+PLAIN_PEFT_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+work = sys.argv[1]
+batch = torch.load(f"{work}/batch.pt")
+for name in sys.argv[2:]:
+    base = AutoModelForCausalLM.from_pretrained(f"{work}/{name}-base")
+    model = PeftModel.from_pretrained(base, f"{work}/{name}-stock").eval()
+    assert type(model.peft_config["default"]).__name__ == "PrefixTuningConfig"
+    with torch.no_grad():
+        torch.save(model(**batch).logits, f"{work}/{name}-logits.pt")
+assert not any(m.startswith("peft_prefix_plus") for m in sys.modules), "peft_prefix_plus was imported"
+"""
+
+
+def test_export_loads_in_plain_peft_without_the_plugin(tmp_path, capsys):
+    """The exported adapter loads with plain peft in a process that never imports peft_prefix_plus."""
+    batch = {k: v for k, v in batch_for("CAUSAL_LM").items() if k != "labels"}
+    torch.save(batch, tmp_path / "batch.pt")
+    expected = {}
+    for name, (family, overrides) in EXPORT_CASES.items():
+        base, task_type = tiny_model(family)
+        base.save_pretrained(tmp_path / f"{name}-base")
+        config = PrefixPlusConfig(task_type=task_type, num_virtual_tokens=4, offset_position_ids=True, **overrides)
+        model = get_peft_model(base, config)
+        expected[name] = logits(model, batch)
+        model.save_pretrained(tmp_path / f"{name}-src")  # with its MLP: merged on the fly by the export
+        before = tree_hash(tmp_path / f"{name}-src")
+        code, _, err = run_cli(capsys, "export-peft", tmp_path / f"{name}-src", tmp_path / f"{name}-stock")
+        assert code == 0, err
+        assert tree_hash(tmp_path / f"{name}-src") == before
+        stock = json.loads((tmp_path / f"{name}-stock" / "adapter_config.json").read_text())
+        assert stock["peft_type"] == "PREFIX_TUNING" and stock["prefix_projection"] is False
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_PEFT_SCRIPT, str(tmp_path), *EXPORT_CASES],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in EXPORT_CASES:
+        stock_logits = torch.load(tmp_path / f"{name}-logits.pt")
+        assert (stock_logits - expected[name]).abs().max().item() <= TOLERANCE, name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("projection", [False, True])
+def test_import_and_round_trip(family, projection, tmp_path, capsys):
+    """stock PEFT -> import -> PrefixPlus -> export -> stock PEFT: identical logits all the way; training continues."""
+    base, task_type = tiny_model(family)
+    stock_model = get_peft_model(
+        base, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=4, prefix_projection=projection)
+    )
+    if projection:  # a trained-looking projection, so that its output is not its initialisation
+        with torch.no_grad():
+            for param in stock_model.prompt_encoder.parameters():
+                param.add_(torch.randn_like(param) * 0.1)
+    batch = batch_for(task_type)
+    reference = logits(stock_model, batch)
+    stock_model.save_pretrained(tmp_path / "stock")
+    before = tree_hash(tmp_path / "stock")
+
+    code, _, err = run_cli(capsys, "import-peft", tmp_path / "stock", tmp_path / "plus")
+    assert code == 0, err
+    config = json.loads((tmp_path / "plus" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_PLUS" and config["offset_position_ids"] is True
+    assert config["prefix_projection"] is False
+    assert (config["merged_from"] is not None) == projection
+    imported = PeftModel.from_pretrained(tiny_model(family)[0], tmp_path / "plus")
+    assert (logits(imported, batch) - reference).abs().max().item() <= TOLERANCE
+
+    export_to_peft(tmp_path / "plus", tmp_path / "stock-again")
+    again = PeftModel.from_pretrained(tiny_model(family)[0], tmp_path / "stock-again")
+    assert (logits(again, batch) - reference).abs().max().item() <= TOLERANCE
+    assert tree_hash(tmp_path / "stock") == before
+
+    # migrate and keep training
+    trainable = PeftModel.from_pretrained(tiny_model(family)[0], tmp_path / "plus", is_trainable=True)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    shape = config["site_shapes"]["self"]
+    assert (
+        sum(p.numel() for p in params)
+        == 4 * shape["num_layers"] * 2 * shape["num_key_value_heads"] * shape["head_dim"]
+    )
+    assert shape == {"num_layers": 2, "num_key_value_heads": 2 if family == "llama" else 4, "head_dim": 8}
+    trainable.train()
+    trainable(**batch).loss.backward()
+    assert params[0].grad is not None and params[0].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "property_name"),
+    [
+        ("t5", {}, "encoder-decoder"),
+        ("bart", {}, "encoder-decoder"),
+        ("llama", {"layers_to_transform": [0], "offset_position_ids": True}, "layers_to_transform"),
+        ("gpt2", {}, "offset_position_ids=False"),
+    ],
+)
+def test_export_refuses_what_stock_peft_cannot_represent(family, overrides, property_name, tmp_path, capsys):
+    src = save_prefix_plus(tmp_path / "src", family, **overrides)
+    before = tree_hash(src)
+    code, out, err = run_cli(capsys, "export-peft", src, tmp_path / "dst")
+    assert code == 1 and property_name in err and "Cannot export" in err
+    with pytest.raises(AdapterFileError, match=property_name):
+        export_to_peft(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists() and not leftovers(tmp_path, "dst")
+    assert tree_hash(src) == before
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def break_missing_config(directory: Path) -> None:
+    (directory / "adapter_config.json").unlink()
+
+
+def break_corrupt_config(directory: Path) -> None:
+    (directory / "adapter_config.json").write_text('{"peft_type": "PREFIX_PLUS", ')
+
+
+def break_truncated_weights(directory: Path) -> None:
+    path = directory / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def break_garbage_weights(directory: Path) -> None:
+    (directory / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+
+
+def break_wrong_type(directory: Path) -> None:
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["peft_type"] = "LORA" if config["peft_type"] != "LORA" else "PREFIX_PLUS"
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+
+
+def break_shapes(directory: Path) -> None:
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["num_virtual_tokens"] += 1
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+
+
+BREAKERS = {
+    "missing-config": (break_missing_config, "adapter_config.json is missing"),
+    "corrupt-config": (break_corrupt_config, "not valid JSON"),
+    "truncated-weights": (break_truncated_weights, "cannot be read"),
+    "garbage-weights": (break_garbage_weights, "cannot be read"),
+    "wrong-type": (break_wrong_type, "adapter, not a"),
+    "shapes": (break_shapes, "shape"),
+}
+COMMANDS = ["merge", "inspect", "export-peft", "import-peft"]
+
+
+@pytest.fixture(scope="module")
+def good_adapters(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("good")
+    base, _ = tiny_model("gpt2")
+    stock = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    stock.save_pretrained(root / "stock")
+    return {
+        "plus": save_prefix_plus(root / "plus", "gpt2", offset_position_ids=True, mlp_depth=2),
+        "stock": root / "stock",
+    }
+
+
+FUNCTIONS = {
+    "merge": merge_adapter,
+    "inspect": lambda src, dst: inspect_adapter(src),
+    "export-peft": export_to_peft,
+    "import-peft": import_from_peft,
+}
+
+
+@pytest.mark.parametrize("breaker", list(BREAKERS))
+@pytest.mark.parametrize("command", COMMANDS)
+def test_bad_input_is_refused_and_nothing_is_written(command, breaker, good_adapters, tmp_path, capsys):
+    import shutil
+
+    breaks, message = BREAKERS[breaker]
+    src = tmp_path / "src"
+    shutil.copytree(good_adapters["stock" if command == "import-peft" else "plus"], src)
+    breaks(src)
+    before = tree_hash(src)
+    dst = tmp_path / "dst"
+    argv = [command, src] if command == "inspect" else [command, src, dst]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1
+    assert err.startswith(f"prefix-plus {command}: error:") and message in err, err
+    with pytest.raises(AdapterFileError, match=message):
+        FUNCTIONS[command](src, dst)
+    assert tree_hash(src) == before
+    assert not dst.exists() and not leftovers(tmp_path, "dst")
+
+
+def test_console_script_exit_code_and_message(tmp_path):
+    """The real command line (a subprocess): error message on stderr, exit code 1, nothing written."""
+    result = subprocess.run(
+        [sys.executable, "-m", "peft_prefix_plus.cli", "merge", str(tmp_path / "nothing"), str(tmp_path / "dst")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "prefix-plus merge: error:" in result.stderr and "not a directory holding a saved adapter" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "dst").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- destinations
+@pytest.mark.parametrize("command", ["merge", "export-peft", "import-peft"])
+def test_destination_rules(command, good_adapters, tmp_path, capsys, monkeypatch):
+    src = good_adapters["stock" if command == "import-peft" else "plus"]
+    before = tree_hash(src)
+    function = FUNCTIONS[command]
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("old")
+
+    code, _, err = run_cli(capsys, command, src, dst)  # an existing DST is refused...
+    assert code == 1 and "--overwrite" in err
+    assert (dst / "keep.txt").read_text() == "old"
+
+    # ...a failure while writing leaves the old DST untouched and no temporary directory
+    import peft_prefix_plus.adapter_files as adapter_files
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_files, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        function(src, dst, overwrite=True)
+    assert (dst / "keep.txt").read_text() == "old" and not leftovers(tmp_path, "dst")
+    with pytest.raises(OSError, match="disk full"):
+        function(src, tmp_path / "new" / "dst")
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+
+    code, _, err = run_cli(capsys, command, src, dst, "--overwrite")  # ...and replaced with --overwrite
+    assert code == 0, err
+    assert not (dst / "keep.txt").exists() and (dst / "adapter_model.safetensors").is_file()
+    assert not leftovers(tmp_path, "dst")
+
+    code, _, err = run_cli(capsys, command, src, src, "--overwrite")  # SRC itself is never a destination
+    assert code == 1 and "source" in err
+    code, _, err = run_cli(capsys, command, src, src / "inner")
+    assert code == 1 and "source" in err
+    assert tree_hash(src) == before

@@ -1,0 +1,334 @@
+"""Pushing PrefixPlus adapters to the Hub and loading them by repo id, against the test Hub server.
+
+The real ``huggingface_hub`` client talks to :class:`tests.hub_server.HubServer` on 127.0.0.1. ``huggingface_hub``
+reads its settings (endpoint, cache, offline mode, Xet) into module constants at import, so the ``hub`` fixture sets
+both the environment variables and those constants, with a fresh ``HF_HOME`` per test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+
+import huggingface_hub.hf_api
+import pytest
+import torch
+import transformers.utils.hub
+from conftest import batch_for, tiny_model
+from hub_server import HubServer
+from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub.errors import HfHubHTTPError
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+
+from peft_prefix_plus import HubPushError, PrefixPlusConfig, push_adapter
+from peft_prefix_plus.card import SECTION_END, SECTION_START
+from peft_prefix_plus.cli import main as cli_main
+
+REPO = "user/tiny-prefix-plus"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A running test Hub, with huggingface_hub pointed at it, online, Xet off and a fresh HF_HOME."""
+    server = HubServer().start()
+    home = tmp_path / "hf_home"
+    settings = {
+        "ENDPOINT": server.url,
+        "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_XET": True,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+    }
+    for name, value in settings.items():
+        monkeypatch.setattr(constants, name, value)
+    # Module-level clients were built at import with the default endpoint: huggingface_hub's `file_exists` & co.
+    # (used by PEFT) and transformers' cached HfApi.
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", server.url)
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    yield server
+    server.stop()
+
+
+def go_offline(monkeypatch, server: HubServer) -> None:
+    """Stop the server and switch huggingface_hub to offline mode: only the cache is left."""
+    server.stop()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def saved_base(tmp_path, family: str = "gpt2"):
+    """A tiny model saved to ``tmp_path/base`` and reloaded from there (so its name_or_path is that directory)."""
+    model, task = tiny_model(family)
+    path = tmp_path / f"base-{family}"
+    if not path.exists():
+        model.save_pretrained(path)
+    return type(model).from_pretrained(path).eval(), task, str(path)
+
+
+def prefix_plus_model(tmp_path, family: str = "gpt2", **config):
+    base, task, _ = saved_base(tmp_path, family)
+    torch.manual_seed(3)
+    return get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=4, **config)).eval()
+
+
+def logits(model, task: str = "CAUSAL_LM") -> torch.Tensor:
+    batch = batch_for(task)
+    batch.pop("labels")
+    if task == "SEQ_2_SEQ_LM":
+        batch["decoder_input_ids"] = batch["input_ids"][:, :3]
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def tree_digest(path) -> dict[str, str]:
+    """sha256 of every file under ``path``, by relative path."""
+    digests = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as file:
+                digests[os.path.relpath(full, path)] = hashlib.sha256(file.read()).hexdigest()
+    return digests
+
+
+# ---------------------------------------------------------------------------------------------------------- 1. load
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_push_then_load_by_repo_id_gives_identical_logits(hub, tmp_path, merged):
+    model = prefix_plus_model(tmp_path)
+    revision = None
+    if merged:
+        model.merge_mlp()
+        assert model.peft_config["default"].merged_from is not None
+        revision = "merged"  # merged adapters go to a branch, as a user comparing both would do
+    expected = logits(model)
+
+    commit = model.push_to_hub(REPO, revision=revision, token=hub.token)
+    assert commit.oid == hub.repos[REPO].branches[revision or "main"]
+    files = set(hub.repos[REPO].resolve(revision or "main").files)
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
+
+    base, _, _ = saved_base(tmp_path)
+    loaded = PeftModel.from_pretrained(base, REPO, revision=revision, token=hub.token).eval()
+    assert loaded.peft_config["default"].prefix_projection is not merged
+    assert torch.equal(logits(loaded), expected)
+
+
+def test_auto_peft_model_and_card_snippet_load_by_repo_id(hub, tmp_path, monkeypatch):
+    model = prefix_plus_model(tmp_path, mlp_depth=2, mlp_activation="gelu")
+    expected = logits(model)
+    monkeypatch.setenv("HF_TOKEN", hub.token)  # token from the environment this time
+    model.push_to_hub(REPO)
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(REPO).eval()  # the base model is a local directory
+    assert torch.equal(logits(auto), expected)
+
+    # The card's "How to use" snippet runs as written and loads the same adapter.
+    card = ModelCard.load(REPO)
+    snippet = re.search(r"```python\n(.*?)```", card.text, re.DOTALL).group(1)
+    assert snippet.index("import peft_prefix_plus") < snippet.index("from_pretrained")
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert torch.equal(logits(namespace["model"].eval()), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------- 2. card
+def test_pushed_card_parses_and_carries_the_metadata(hub, tmp_path):
+    model = prefix_plus_model(tmp_path, layers_to_transform=[1])
+    model.peft_config["default"].base_model_name_or_path = "org/tiny-gpt2"
+    model.push_to_hub(REPO, token=hub.token, metrics={"eval_loss": 1.25, "epochs": 3})
+
+    card = ModelCard(hub.file(REPO, "README.md").decode())
+    card.validate()  # the server's validate-yaml endpoint
+    data = card.data
+    assert data.library_name == "peft"
+    assert data.base_model == "org/tiny-gpt2"
+    assert {"prefix-plus", "peft", "causal-lm", "base_model:adapter:org/tiny-gpt2"} <= set(data.tags)
+    assert data.pipeline_tag == "text-generation"
+    text = card.text
+    assert text.index("import peft_prefix_plus") < text.index("PeftModel.from_pretrained")
+    assert f'PeftModel.from_pretrained(base, "{REPO}")' in text
+    assert "| self-attention | 4 | 1 (of 2) | 4 × 8 |" in text
+    assert "MLP: depth 1, width 32, activation `tanh`" in text
+    assert "| MLP merged into raw prefixes | no |" in text
+    assert "| eval_loss | 1.25 |" in text and "| epochs | 3 |" in text
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"| Trainable parameters | {n_params:,} |" in text
+
+
+def test_card_of_a_merged_encoder_decoder_adapter(hub, tmp_path):
+    model = prefix_plus_model(tmp_path, "t5", encoder_num_virtual_tokens=2, cross_num_virtual_tokens=0)
+    model.merge_mlp()
+    model.push_to_hub(REPO, token=hub.token)
+    card = ModelCard(hub.file(REPO, "README.md").decode())
+    assert card.data.pipeline_tag == "text2text-generation"
+    assert "seq2seq-lm" in card.data.tags
+    assert "| encoder self-attention | 2 | all 2 | 4 × 8 |" in card.text
+    assert "| decoder cross-attention | 0 | none | 4 × 8 |" in card.text
+    assert "| Prefixes produced by | raw (no MLP) |" in card.text
+    assert "| MLP merged into raw prefixes | yes, from" in card.text
+    assert "AutoModelForSeq2SeqLM" in card.text
+
+
+def test_save_pretrained_writes_the_card_and_keeps_user_text(tmp_path):
+    model = prefix_plus_model(tmp_path)
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "README.md").write_text("---\nlicense: mit\ntags:\n- mine\n---\n\n# My adapter\n\nMy own notes.\n")
+    model.save_pretrained(out)
+    model.save_pretrained(out)  # saving again replaces the generated section, nothing else
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "mit" and card.data.library_name == "peft"
+    assert card.data.tags[0] == "mine" and "prefix-plus" in card.data.tags
+    assert card.text.count(SECTION_START) == 1 and card.text.count(SECTION_END) == 1
+    assert card.text.index("My own notes.") < card.text.index(SECTION_START)
+    assert "import peft_prefix_plus" in card.text
+
+
+def test_other_peft_types_keep_the_stock_behaviour(hub, tmp_path):
+    base, _, _ = saved_base(tmp_path)
+    lora = get_peft_model(base, LoraConfig(target_modules=["c_attn"], r=2))
+    lora.save_pretrained(tmp_path / "lora")
+    card = ModelCard.load(tmp_path / "lora" / "README.md")
+    assert card.data.library_name == "peft"
+    assert "prefix-plus" not in (card.data.tags or []) and SECTION_START not in card.text
+    assert "push_adapter" in PeftModel.push_to_hub.__doc__
+    with pytest.raises(ValueError, match="PrefixPlus PeftModel"):
+        push_adapter(lora, REPO)
+    lora.push_to_hub("user/lora", token=hub.token)  # transformers' stock push_to_hub
+    pushed = ModelCard(hub.file("user/lora", "README.md").decode())
+    assert "prefix-plus" not in (pushed.data.tags or []) and SECTION_START not in pushed.text
+    assert "adapter_config.json" in hub.repos["user/lora"].resolve("main").files
+
+
+# ---------------------------------------------------------------------------------------------------------- 3. update
+def test_second_push_updates_and_branch_push_leaves_main_intact(hub, tmp_path):
+    model = prefix_plus_model(tmp_path)
+    model.push_to_hub(REPO, token=hub.token, commit_message="first")
+    first = hub.file(REPO, "adapter_model.safetensors")
+
+    # The owner edits the card on the Hub; the next push must keep the edit.
+    card = ModelCard(hub.file(REPO, "README.md").decode())
+    card.data.license = "apache-2.0"
+    card.text = card.text + "\n## Notes by the owner\n\nTrained on my data.\n"
+    HfApi().upload_file(path_or_fileobj=str(card).encode(), path_in_repo="README.md", repo_id=REPO, token=hub.token)
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.5)
+    model.push_to_hub(REPO, token=hub.token, commit_message="second")
+    second = hub.file(REPO, "adapter_model.safetensors")
+    assert second != first
+    updated = ModelCard(hub.file(REPO, "README.md").decode())
+    assert updated.data.license == "apache-2.0" and "prefix-plus" in updated.data.tags
+    assert "Trained on my data." in updated.text and updated.text.count(SECTION_START) == 1
+    repo = hub.repos[REPO]
+    assert repo.commits[repo.branches["main"]].message == "second"
+
+    main_head = repo.branches["main"]
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.5)
+    model.push_to_hub(REPO, token=hub.token, revision="experiment")
+    assert repo.branches["main"] == main_head
+    assert hub.file(REPO, "adapter_model.safetensors") == second
+    assert hub.file(REPO, "adapter_model.safetensors", "experiment") not in (first, second)
+    assert 'revision="experiment"' in hub.file(REPO, "README.md", "experiment").decode()
+    assert "Trained on my data." in hub.file(REPO, "README.md", "experiment").decode()
+
+
+# ---------------------------------------------------------------------------------------------------------- 4. private
+def test_private_flag_reaches_the_server(hub, tmp_path, capsys):
+    model = prefix_plus_model(tmp_path)
+    model.save_pretrained(tmp_path / "adapter")
+    code = cli_main(["push", str(tmp_path / "adapter"), REPO, "--private", "--token", hub.token])
+    assert code == 0, capsys.readouterr().err
+    assert f"Pushed {tmp_path / 'adapter'} to {REPO}" in capsys.readouterr().out
+
+    (create,) = hub.requests_to("POST", r"^/api/repos/create$")
+    assert create["body"]["visibility"] == "private" and create["authorized"]
+    assert hub.repos[REPO].private
+    with pytest.raises(HfHubHTTPError):  # anonymous readers do not see it
+        HfApi().model_info(REPO, token=False)
+
+    model.push_to_hub("user/public-one", token=hub.token)
+    assert not hub.repos["user/public-one"].private
+
+
+# ---------------------------------------------------------------------------------------------------------- 5. 500
+def test_server_error_during_commit_is_clear_and_changes_nothing(hub, tmp_path, capsys):
+    model = prefix_plus_model(tmp_path)
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    before = tree_digest(adapter)
+    hub.fail_commits = True
+
+    assert cli_main(["push", str(adapter), REPO, "--token", hub.token]) == 1
+    err = capsys.readouterr().err
+    assert "prefix-plus push: error: Pushing the adapter to user/tiny-prefix-plus failed (HTTP 500)" in err
+    assert "The local adapter files were not changed" in err
+    with pytest.raises(HubPushError, match="HTTP 500") as raised:
+        model.push_to_hub(REPO, token=hub.token)
+    assert raised.value.__cause__.response.status_code == 500
+
+    assert tree_digest(adapter) == before
+    assert set(hub.repos[REPO].resolve("main").files) == {".gitattributes"}  # nothing was committed
+    assert hub.requests_to("POST", r"/commit/main$")  # the commit really was attempted
+
+
+# ---------------------------------------------------------------------------------------------------------- 6. offline
+def test_offline_load_from_cache_after_a_push(hub, tmp_path, monkeypatch):
+    model = prefix_plus_model(tmp_path)
+    expected = logits(model)
+    model.push_to_hub(REPO, token=hub.token)
+    base, _, _ = saved_base(tmp_path)
+    PeftModel.from_pretrained(base, REPO, token=hub.token)  # first load fills the cache
+
+    go_offline(monkeypatch, hub)
+    base, _, _ = saved_base(tmp_path)
+    offline = PeftModel.from_pretrained(base, REPO).eval()
+    assert torch.equal(logits(offline), expected)
+    auto = AutoPeftModelForCausalLM.from_pretrained(REPO).eval()
+    assert torch.equal(logits(auto), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------- 7. token
+def test_token_is_never_printed_logged_or_written(hub, tmp_path, monkeypatch, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    model = prefix_plus_model(tmp_path)
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+
+    model.push_to_hub(REPO, token=hub.token, revision="dev")  # token passed in
+    monkeypatch.setenv("HF_TOKEN", hub.token)  # token from the environment
+    assert cli_main(["push", str(adapter), REPO, "--private"]) == 0
+    hub.fail_commits = True  # errors must not reveal it either (new repos: unchanged files are not re-committed)
+    assert cli_main(["push", str(adapter), "user/second"]) == 1
+    with pytest.raises(HubPushError) as raised:
+        push_adapter(adapter, "user/third", token=hub.token)
+    assert all(r["authorized"] for r in hub.requests_to("POST", "/commit/"))  # the token was used
+
+    out, err = capfd.readouterr()
+    assert out and err and caplog.records
+    logged = "\n".join(f"{r.getMessage()} {r.args}" for r in caplog.records)
+    for text in (out, err, logged, caplog.text, str(raised.value), repr(raised.value.__cause__)):
+        assert hub.token not in text
+    for root, _, files in os.walk(tmp_path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as file:
+                assert hub.token.encode() not in file.read(), os.path.join(root, name)
+    for repo in hub.repos.values():
+        for commit in repo.commits.values():
+            assert not any(hub.token.encode() in content for content in commit.files.values())

@@ -1,0 +1,246 @@
+"""Merging the prefix MLP into raw prefixes: in memory, on disk, and through save, reload and the Trainer."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import batch_for, site_kwargs, tiny_model
+from peft import PeftModel, get_peft_model
+
+from peft_prefix_plus import PrefixPlusConfig, inspect_adapter, merge_adapter
+from peft_prefix_plus.adapter_files import read_adapter_tensors
+
+# (family, extra config): GPT-2, Llama with GQA and a deep gelu MLP of another width, T5 and BART with all three
+# sites at different lengths (site_kwargs), and layers_to_transform subsets.
+CASES = {
+    "gpt2": ("gpt2", {}),
+    "llama-deep-gelu": ("llama", {"mlp_depth": 3, "mlp_activation": "gelu", "mlp_hidden_size": 24}),
+    "t5": ("t5", {"mlp_depth": 2}),
+    "bart": ("bart", {}),
+    "llama-layers": ("llama", {"layers_to_transform": [1]}),
+    "t5-layers": ("t5", {"layers_to_transform": [0]}),
+}
+FP32_TOLERANCE = 1e-5
+# bf16 base: the merge computes in float32 and rounds once to the adapter's dtype. With the adapter in float32 (PEFT's
+# default autocast) the logits are unchanged; with the adapter cast to bf16 the merged prefix can differ by one bf16
+# ulp from the bf16 MLP's output. Measured max abs logit difference on the tiny Llama (|logits| <= 0.43): 0.0 and
+# 0.00195 (one bf16 ulp at that magnitude). The documented tolerance is 1e-2.
+BF16_TOLERANCE = 1e-2
+
+
+def make_peft_model(family: str, seed: int = 0, dtype: torch.dtype | None = None, **overrides):
+    base, task_type = tiny_model(family, seed=seed)
+    if dtype is not None:
+        base = base.to(dtype)
+    config = PrefixPlusConfig(task_type=task_type, num_virtual_tokens=3, **{**site_kwargs(task_type), **overrides})
+    return get_peft_model(base, config), task_type
+
+
+def logits(model, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def raw_parameter_count(model) -> int:
+    """Σ over sites of layers × prefix length × 2 × kv_heads × head_dim, from the config and the model's layers."""
+    config = model.peft_config["default"]
+    lengths = config.site_lengths(bool(getattr(model.base_model.model.config, "is_encoder_decoder", False)))
+    total = 0
+    for site, length in lengths.items():
+        shape = config.site_shapes[site]
+        layers = shape["num_layers"] if config.layers_to_transform is None else len(config.layers_to_transform)
+        total += layers * length * 2 * shape["num_key_value_heads"] * shape["head_dim"]
+    return total
+
+
+def site_encoders(model, adapter: str = "default"):
+    return model.base_model.model.prefix_plus_layer.prefix_plus_sites[adapter]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_mlp_in_memory_and_on_disk(case, tmp_path):
+    family, overrides = CASES[case]
+    model, task_type = make_peft_model(family, **overrides)
+    batch = batch_for(task_type)
+    before = logits(model, batch)
+    mlp_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.save_pretrained(tmp_path / "src")  # a checkpoint: keeps the MLP
+
+    assert model.merge_mlp() == ["default"]
+
+    after = logits(model, batch)
+    assert (before - after).abs().max().item() <= FP32_TOLERANCE
+    # the MLP is gone: no embedding, no Linear, only raw prefixes, in float32
+    for encoder in site_encoders(model).values():
+        assert not encoder.is_projected
+        assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) for m in encoder.modules())
+        assert encoder.prefix.dtype == torch.float32 and encoder.prefix.shape == encoder.shape
+    config = model.peft_config["default"]
+    assert config.prefix_projection is False
+    assert config.merged_from["depth"] == overrides.get("mlp_depth", 1)
+    assert config.merged_from["activation"] == overrides.get("mlp_activation", "tanh")
+    assert config.merged_from["hidden_size"] == overrides.get("mlp_hidden_size", config.token_dim)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == raw_parameter_count(model) < mlp_params
+    if family in ("t5", "bart"):
+        assert set(site_encoders(model)) == {"self", "encoder", "cross"}
+
+    # save: only raw prefixes, within 1% + 4 KiB of the raw tensor bytes
+    model.save_pretrained(tmp_path / "memory")
+    tensors, _ = read_adapter_tensors(tmp_path / "memory")
+    assert all(key.endswith(".prefix") for key in tensors)
+    raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert raw_bytes == trainable * 4
+    size = (tmp_path / "memory" / "adapter_model.safetensors").stat().st_size
+    assert size <= raw_bytes * 1.01 + 4096
+
+    # on disk, from the checkpoint files only: identical tensors and config
+    source_files = {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()}
+    merge_adapter(tmp_path / "src", tmp_path / "disk")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()} == source_files  # SRC untouched
+    on_disk, _ = read_adapter_tensors(tmp_path / "disk")
+    assert on_disk.keys() == tensors.keys()
+    for key in tensors:
+        assert torch.equal(on_disk[key], tensors[key]), key
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("memory", "disk")]
+    assert configs[0] == configs[1]
+    assert inspect_adapter(tmp_path / "disk")["merged"] is True
+    assert "yes, from" in (tmp_path / "disk" / "README.md").read_text()  # the copied model card shows the merge
+
+    # both reload onto a fresh base model with the same outputs
+    for directory in ("memory", "disk"):
+        base, _ = tiny_model(family)
+        reloaded = PeftModel.from_pretrained(base, tmp_path / directory)
+        assert (logits(reloaded, batch) - before).abs().max().item() <= FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+def test_merge_bf16_base(adapter_dtype, tmp_path):
+    """A bf16 base model: the merge runs in float32 and the outputs agree within BF16_TOLERANCE."""
+    model, task_type = make_peft_model("llama", dtype=torch.bfloat16, mlp_depth=2, mlp_activation="gelu")
+    if adapter_dtype == torch.bfloat16:
+        model = model.to(torch.bfloat16)
+    encoder = site_encoders(model)["self"]
+    assert encoder.mlp[0].weight.dtype == adapter_dtype
+    # the reference: the same MLP run in float32 from the (possibly bf16) weights, rounded once to the adapter dtype
+    with torch.no_grad():
+        reference_mlp = copy.deepcopy(encoder.mlp).float()
+        out = reference_mlp(encoder.embedding.weight.float())
+        layers, _, heads, length, head_dim = encoder.shape
+        reference = out.view(length, layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4).to(adapter_dtype)
+    batch = batch_for(task_type)
+    before = logits(model, batch)
+    model.merge_mlp()
+    after = logits(model, batch)
+    merged = site_encoders(model)["self"].prefix
+    assert merged.dtype == adapter_dtype
+    assert torch.equal(merged, reference)  # computed in float32, not in bf16
+    assert (before - after).abs().max().item() <= BF16_TOLERANCE
+    model.save_pretrained(tmp_path / "merged")
+    saved, _ = read_adapter_tensors(tmp_path / "merged")
+    assert [t.dtype for t in saved.values()] == [adapter_dtype]
+
+
+def test_merge_raw_adapter_is_a_noop(tmp_path):
+    model, task_type = make_peft_model("gpt2", prefix_projection=False)
+    prefix = site_encoders(model)["self"].prefix.detach().clone()
+    with pytest.warns(UserWarning, match="already holds raw prefixes"):
+        assert model.merge_mlp() == []
+    assert torch.equal(site_encoders(model)["self"].prefix, prefix)
+    assert model.peft_config["default"].merged_from is None
+
+    model.save_pretrained(tmp_path / "raw")
+    with pytest.warns(UserWarning, match="already holds raw prefixes"):
+        merge_adapter(tmp_path / "raw", tmp_path / "copy")
+    copied, _ = read_adapter_tensors(tmp_path / "copy")
+    original, _ = read_adapter_tensors(tmp_path / "raw")
+    assert copied.keys() == original.keys() and all(torch.equal(copied[k], original[k]) for k in copied)
+
+
+def test_merge_named_adapter_only():
+    model, _ = make_peft_model("gpt2")
+    model.add_adapter("other", PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, mlp_depth=2))
+    assert model.merge_mlp(adapter_names=["other"]) == ["other"]
+    assert site_encoders(model, "default")["self"].is_projected
+    assert not site_encoders(model, "other")["self"].is_projected
+    with pytest.raises(ValueError, match="No PrefixPlus adapter named"):
+        model.merge_mlp(adapter_names=["missing"])
+
+
+def test_save_keeps_mlp_and_merged_adapter_keeps_training(tmp_path):
+    model, task_type = make_peft_model("llama", mlp_depth=2)
+    model.save_pretrained(tmp_path / "checkpoint")
+    saved = json.loads((tmp_path / "checkpoint" / "adapter_config.json").read_text())
+    keys, _ = read_adapter_tensors(tmp_path / "checkpoint")
+    assert saved["prefix_projection"] is True and saved["merged_from"] is None  # nothing merges implicitly
+    assert any(".mlp." in key for key in keys) and any(".embedding." in key for key in keys)
+
+    model.merge_mlp()
+    model.save_pretrained(tmp_path / "merged")
+    base, _ = tiny_model("llama")
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "merged", is_trainable=True)
+    trainable = {n: p for n, p in reloaded.named_parameters() if p.requires_grad}
+    assert all(name.endswith(".prefix") for name in trainable)
+    assert sum(p.numel() for p in trainable.values()) == raw_parameter_count(reloaded)
+    start = {n: p.detach().clone() for n, p in trainable.items()}
+    optimizer = torch.optim.Adam(trainable.values(), lr=1e-2)
+    batch = batch_for(task_type)
+    reloaded.train()
+    losses = []
+    for _ in range(5):
+        loss = reloaded(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(start[n], p) for n, p in trainable.items())
+
+
+def test_trainer_load_best_model_at_end_keeps_mlp(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model, task_type = make_peft_model("gpt2", mlp_depth=2)
+    rows = [
+        {k: v[i] for k, v in batch_for(task_type, batch_size=4, seed=s).items()} for s in range(2) for i in range(4)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-2,
+        eval_strategy="steps",
+        save_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:4])
+        trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    keys, _ = read_adapter_tensors(best)
+    assert any(".mlp." in key for key in keys)  # the checkpoint keeps the MLP: resumable
+    assert json.loads((tmp_path / "out" / best.split("/")[-1] / "adapter_config.json").read_text())[
+        "prefix_projection"
+    ]
+    assert site_encoders(model)["self"].is_projected  # the best model was loaded back, MLP and all
+    best_tensors, _ = read_adapter_tensors(best)
+    for name, param in site_encoders(model)["self"].named_parameters():
+        key = f"base_model.model.prefix_plus_layer.prefix_plus_sites.self.{name}"
+        assert torch.equal(param.detach().cpu(), best_tensors[key])
+    assert model.merge_mlp() == ["default"]  # and it merges afterwards
