@@ -78,6 +78,56 @@ def _extend_mask(
     return torch.cat([columns, mask], dim=-1)
 
 
+#: Keyword arguments the decode path below understands; anything else (soft-capping, attention sinks, ...) goes
+#: through the model's own attention function.
+_DECODE_KWARGS = {"dropout", "scaling", "position_ids", "use_cache", "cache_position", "is_causal", "position_bias"}
+
+
+def _decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    prefix_values: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    position_bias: Optional[torch.Tensor] = None,
+    **_: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one new token over the prefix and the KV cache, without concatenating them.
+
+    Putting the prefix in front of the whole cache at every decoding step copies all cached keys and values once more
+    per layer and step. Here the prefix and the cache are attended in two products whose scores share one softmax:
+    the same function, with float rounding in another order (cached generation equals full recomputation in the
+    tests). Grouped-query attention is handled by folding the query heads of a group together.
+
+    Args:
+        query (`torch.Tensor`): ``(batch, heads, 1, head_dim)``.
+        key, value (`torch.Tensor`): The cache, ``(batch, kv_heads, length, head_dim)``.
+        prefix_keys, prefix_values (`torch.Tensor`): ``(kv_heads, prefix_length, head_dim)``.
+        attention_mask (`torch.Tensor`, *optional*): Boolean or additive, already extended over the prefix.
+        scaling (`float`, *optional*): Score scale, ``head_dim ** -0.5`` by default.
+        position_bias (`torch.Tensor`, *optional*): T5's additive bias over the cache.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, length = key.shape[1], prefix_keys.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads * q_len, head_dim)
+    scale = head_dim**-0.5 if scaling is None else scaling
+    scores = torch.cat([grouped @ prefix_keys.transpose(-1, -2), grouped @ key.transpose(-1, -2)], dim=-1)
+    scores = (scores * scale).view(batch, heads, q_len, -1)
+    if position_bias is not None:
+        scores = scores + nn.functional.pad(position_bias, (length, 0))
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : scores.shape[-1]]
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    grouped_probs = probs.view(batch, kv_heads, -1, probs.shape[-1])
+    output = grouped_probs[..., :length] @ prefix_values + grouped_probs[..., length:] @ value
+    return output.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous(), probs
+
+
 def _make_prefix_attention(implementation: str) -> Callable:
     def prefix_attention(
         module: nn.Module,
@@ -98,6 +148,8 @@ def _make_prefix_attention(implementation: str) -> Callable:
         prefix_values = prefix_values.to(value.dtype).expand(batch, -1, -1, -1)
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         attention_mask = _extend_mask(attention_mask, length, query, key, causal, boolean=implementation == "sdpa")
+        if query.shape[2] == 1 and not module.training and kwargs.keys() <= _DECODE_KWARGS:
+            return _decode_attention(query, key, value, prefix_keys[0], prefix_values[0], attention_mask, **kwargs)
         position_bias = kwargs.get("position_bias")
         if position_bias is not None:
             kwargs["position_bias"] = nn.functional.pad(position_bias, (length, 0))

@@ -206,7 +206,12 @@ def test_stock_peft_refuses_gradient_checkpointing():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "t5", "bart"])
-def test_generation(family):
+def test_generation(family, monkeypatch):
+    from peft_prefix_plus import attention
+
+    decode_steps = []
+    decode = attention._decode_attention
+    monkeypatch.setattr(attention, "_decode_attention", lambda *a, **k: decode_steps.append(1) or decode(*a, **k))
     base, task = tiny_model(family)
     model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3, **site_kwargs(task))).eval()
     batch = batch_for(task, batch_size=3, seq_len=5)
@@ -216,7 +221,9 @@ def test_generation(family):
     cached = model.generate(**inputs, **scored)
     recomputed = model.generate(**inputs, use_cache=False, **scored)
     greedy = cached.sequences
-    assert torch.equal(greedy, recomputed.sequences)  # the cache and a full recompute agree
+    # cached decoding (which attends the prefix and the cache separately) agrees with a full recompute
+    assert decode_steps
+    assert torch.equal(greedy, recomputed.sequences)
     torch.testing.assert_close(torch.stack(cached.scores), torch.stack(recomputed.scores), rtol=1e-4, atol=1e-5)
     with model.disable_adapter():
         base_scores = torch.stack(model.generate(**inputs, **scored).scores)
