@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -50,6 +51,8 @@ class PrefixPlusModel(BaseTuner):
     """
 
     prefix: str = "prefix_plus_"
+    _prefixes_owner: Optional[weakref.ref] = None
+    _prefixes_state: Optional[tuple] = None
     tuner_layer_cls = PrefixPlusLayer
     target_module_mapping: dict[str, list[str]] = {}
     uses_shared_state = True
@@ -197,7 +200,16 @@ class PrefixPlusModel(BaseTuner):
         layer.checkpointing = module.training and any(
             getattr(m, "gradient_checkpointing", False) is True for m in self._checkpointing_modules
         )
-        layer.refresh(self._top_sites)
+        cache = _cache_argument(kwargs)
+        # During cached decoding the parameters cannot change between steps (no gradients are being computed), so
+        # the prefixes of the first step of a `generate` call are reused until its cache object is done with.
+        decoding = cache is not None and not torch.is_grad_enabled()
+        owner = self._prefixes_owner() if self._prefixes_owner is not None else None
+        state = (tuple(layer.active_adapters), layer.disable_adapters)
+        if not (decoding and owner is cache and state == self._prefixes_state):
+            layer.refresh(self._top_sites)
+            self._prefixes_owner = weakref.ref(cache) if decoding else None
+            self._prefixes_state = state
         if self._uses_position_offset():
             kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"))
         return args, kwargs
@@ -221,7 +233,7 @@ class PrefixPlusModel(BaseTuner):
             tokens = kwargs.get("input_ids", args[0] if args else None)
             if tokens is None:
                 tokens = kwargs["inputs_embeds"]
-            cache = kwargs.get("past_key_values")
+            cache = _cache_argument(kwargs)
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + tokens.shape[1], device=tokens.device).unsqueeze(0)
         return {**kwargs, "position_ids": position_ids + length}
@@ -320,3 +332,9 @@ def _hidden_size(config: Any) -> Optional[int]:
             return value
     text_config = getattr(config, "text_config", None)
     return _hidden_size(text_config) if text_config is not None else None
+
+
+def _cache_argument(kwargs: dict) -> Any:
+    """The KV cache passed to a transformers forward (`cache` in transformers 5, `past_key_values` before)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache

@@ -221,3 +221,19 @@ def test_loading_onto_a_different_model_names_the_shapes(changes, tmp_path):
     other = type(other)(type(other.config).from_dict(config))
     with pytest.raises(ValueError, match=r"'self' attention has .*num_layers.*base model it was trained with"):
         PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_generation_uses_the_prefix_from_the_first_step():
+    """Greedy decoding continues exactly the forward pass (stock PEFT 0.21 on transformers 5 drops its prefix here)."""
+    base, task = tiny_model("llama")
+    model = get_peft_model(
+        base, PrefixPlusConfig(task_type=task, num_virtual_tokens=4, prefix_projection=False, offset_position_ids=True)
+    ).eval()
+    batch = batch_for(task, left_pad=False)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    out = model.generate(
+        **inputs, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0
+    )
+    torch.testing.assert_close(out.scores[0], logits(model, inputs)[:, -1], rtol=0, atol=1e-5)
+    extended = {"input_ids": out.sequences[:, :-1], "attention_mask": torch.ones_like(out.sequences[:, :-1])}
+    torch.testing.assert_close(out.scores[-1], logits(model, extended)[:, -1], rtol=0, atol=1e-5)

@@ -251,3 +251,21 @@ def test_peft_model_from_pretrained_roundtrip_identity(tmp_path):
     batch = batch_for(task)
     with torch.no_grad():
         assert torch.equal(forward(loaded, batch), forward(model, batch))
+
+
+def test_prefixes_are_computed_once_per_generate_call():
+    base, task = tiny_model("llama")
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3)).eval()
+    calls = []
+    model.base_model.prefix_plus_layer.prefix_plus_sites["default"]["self"].mlp.register_forward_hook(
+        lambda *_: calls.append(1)
+    )
+    batch = batch_for(task)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    first = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert len(calls) == 1  # one MLP run for the prefill and all decoding steps
+    with model.disable_adapter():
+        plain = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert not torch.equal(plain, first)
+    again = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(again, first) and len(calls) == 2  # a new generate call computes them afresh
