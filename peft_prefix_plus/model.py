@@ -69,9 +69,10 @@ class PrefixPlusModel(BaseTuner):
         config: PrefixPlusConfig = self.peft_config[adapter_name]
         if not isinstance(config, PrefixPlusConfig):
             raise ValueError(f"PrefixPlusModel needs a PrefixPlusConfig, got {type(config).__name__}.")
-        sites = self._attach(model)
+        sites = self._discover(model)
         lengths = config.site_lengths(self._is_encoder_decoder)
-        self._check_config(config, sites, lengths)
+        self._check_config(config, sites, lengths)  # before anything in the model changes
+        self._install(model, sites)
         site_layers = {
             site: [
                 i
@@ -92,8 +93,8 @@ class PrefixPlusModel(BaseTuner):
     def _check_target_module_exists(self, *args: Any, **kwargs: Any) -> bool:
         return False
 
-    def _attach(self, model: nn.Module) -> dict[str, AttentionSite]:
-        """Install the attention wrappers, routes and hooks once per model; return the attention sites."""
+    def _discover(self, model: nn.Module) -> dict[str, AttentionSite]:
+        """Find the attention sites of ``model`` (once per model) without changing the model."""
         if getattr(self, "_sites", None) is not None:
             return self._sites
         register_attention_functions()
@@ -101,14 +102,20 @@ class PrefixPlusModel(BaseTuner):
         if config is None or not hasattr(config, "_attn_implementation"):
             raise ValueError(f"PrefixPlus needs a transformers model (PreTrainedModel), got {type(model).__name__}.")
         self._is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        saved = {id(c): c._attn_implementation for c in model_configs(model)}
-        unsupported = {impl for impl in saved.values() if impl not in WRAPPED_IMPLEMENTATIONS}
+        implementations = {c._attn_implementation for c in model_configs(model)}
+        unsupported = implementations - set(WRAPPED_IMPLEMENTATIONS)
         if unsupported:
             raise ValueError(
                 f"PrefixPlus supports attn_implementation 'eager' and 'sdpa'; the model uses {sorted(unsupported)}. "
                 "Load the model with attn_implementation='sdpa' (or 'eager')."
             )
-        sites = discover_attention_sites(model)
+        self._accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        return discover_attention_sites(model)
+
+    def _install(self, model: nn.Module, sites: dict[str, AttentionSite]) -> None:
+        """Switch the attention implementation, route the attention modules and add the hooks (once per model)."""
+        if getattr(self, "_sites", None) is not None:
+            return
         for param in model.parameters():  # the base model is frozen, as by every PEFT tuner
             param.requires_grad = False
         layer = PrefixPlusLayer()
@@ -116,6 +123,7 @@ class PrefixPlusModel(BaseTuner):
         for site, found in sites.items():
             for index, module in enumerate(found.modules):
                 set_route(module, (layer, site, index))
+        saved = {id(c): c._attn_implementation for c in model_configs(model)}
         set_attention_implementation(model, {key: WRAPPED_IMPLEMENTATIONS[impl] for key, impl in saved.items()})
         self._saved_attn_implementations = saved
         self._sites = sites
@@ -128,10 +136,8 @@ class PrefixPlusModel(BaseTuner):
                 self._hooks.append(encoder.register_forward_pre_hook(self._before_encoder_forward))
             else:  # the encoder is not a separate module: compute its prefixes with the others
                 self._top_sites += ("encoder",)
-        self._accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         # modules carrying transformers' `gradient_checkpointing` flag, read before every forward pass
         self._checkpointing_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-        return sites
 
     def _check_config(
         self, config: PrefixPlusConfig, sites: dict[str, AttentionSite], lengths: dict[str, int]

@@ -237,3 +237,15 @@ def test_generation_uses_the_prefix_from_the_first_step():
     torch.testing.assert_close(out.scores[0], logits(model, inputs)[:, -1], rtol=0, atol=1e-5)
     extended = {"input_ids": out.sequences[:, :-1], "attention_mask": torch.ones_like(out.sequences[:, :-1])}
     torch.testing.assert_close(out.scores[-1], logits(model, extended)[:, -1], rtol=0, atol=1e-5)
+
+
+def test_a_rejected_config_leaves_the_base_model_untouched():
+    base, task = tiny_model("llama")
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in base.named_parameters()}
+    with pytest.raises(ValueError, match="encoder_num_virtual_tokens"):
+        get_peft_model(base, PrefixPlusConfig(task_type=task, encoder_num_virtual_tokens=2))
+    assert base.config._attn_implementation == "sdpa"
+    assert not hasattr(base, "prefix_plus_layer") and not base._forward_pre_hooks
+    assert not any(hasattr(m, "_prefix_plus_route") for m in base.modules())
+    for name, param in base.named_parameters():
+        assert param.requires_grad == before[name][0] and torch.equal(param, before[name][1])
