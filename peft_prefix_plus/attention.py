@@ -144,8 +144,8 @@ def _make_prefix_attention(implementation: str) -> Callable:
             return base(module, query, key, value, attention_mask, **kwargs)
         prefix_keys, prefix_values = prefix
         batch, length = key.shape[0], prefix_keys.shape[1]
-        prefix_keys = prefix_keys.to(key.dtype).expand(batch, -1, -1, -1)
-        prefix_values = prefix_values.to(value.dtype).expand(batch, -1, -1, -1)
+        prefix_keys = prefix_keys.to(device=key.device, dtype=key.dtype).expand(batch, -1, -1, -1)
+        prefix_values = prefix_values.to(device=value.device, dtype=value.dtype).expand(batch, -1, -1, -1)
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         attention_mask = _extend_mask(attention_mask, length, query, key, causal, boolean=implementation == "sdpa")
         if query.shape[2] == 1 and not module.training and kwargs.keys() <= _DECODE_KWARGS:

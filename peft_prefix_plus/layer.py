@@ -136,6 +136,8 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         self._prefixes: dict[str, list[tuple[dict[int, int], torch.Tensor]]] = {}
         # set by PrefixPlusModel when the model uses activation checkpointing
         self.checkpointing = False
+        # device of the attention layers of each site, where its prefix encoders live
+        self.site_devices: dict[str, torch.device] = {}
 
     def update_layer(
         self,
@@ -161,6 +163,15 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
                 length, site_layers[site], shape["num_key_value_heads"], shape["head_dim"], config
             )
         self.prefix_plus_sites[adapter_name] = sites
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move the prefix encoders of ``adapter_name`` to the device of their site's attention layers."""
+        for site, encoder in self.prefix_plus_sites[adapter_name].items():
+            target = device or self.site_devices.get(site)
+            # parameters still on the meta device (low_cpu_mem_usage) are assigned by the state dict later
+            if target is not None and not any(p.is_meta for p in encoder.parameters()):
+                encoder.to(target)
 
     def refresh(self, sites: tuple[str, ...]) -> None:
         """Compute the prefixes of ``sites`` for the coming forward pass: once per site and adapter, all layers at once.

@@ -123,6 +123,9 @@ class PrefixPlusModel(BaseTuner):
         for site, found in sites.items():
             for index, module in enumerate(found.modules):
                 set_route(module, (layer, site, index))
+            parameter = next(found.modules[0].parameters(), None)
+            if parameter is not None:
+                layer.site_devices[site] = parameter.device
         saved = {id(c): c._attn_implementation for c in model_configs(model)}
         set_attention_implementation(model, {key: WRAPPED_IMPLEMENTATIONS[impl] for key, impl in saved.items()})
         self._saved_attn_implementations = saved
