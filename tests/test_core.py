@@ -269,3 +269,26 @@ def test_prefixes_are_computed_once_per_generate_call():
     assert not torch.equal(plain, first)
     again = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(again, first) and len(calls) == 2  # a new generate call computes them afresh
+
+
+def test_prefix_dropout_applies_in_training_only():
+    base, task = tiny_model("llama")
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=4, prefix_dropout=0.5))
+    batch = batch_for(task)
+    with torch.no_grad():
+        model.train()
+        torch.manual_seed(0)
+        first = forward(model, batch)
+        second = forward(model, batch)
+        assert not torch.equal(first, second)
+        model.eval()
+        assert torch.equal(forward(model, batch), forward(model, batch))
+
+
+@pytest.mark.parametrize("projection", [True, False])
+def test_zero_init_gives_zero_prefixes(projection):
+    base, task = tiny_model("t5")
+    config = PrefixPlusConfig(task_type=task, num_virtual_tokens=3, prefix_projection=projection, init_weights="zero")
+    model = get_peft_model(base, config)
+    for encoder in model.base_model.prefix_plus_layer.prefix_plus_sites["default"].values():
+        assert torch.count_nonzero(encoder.project()) == 0
