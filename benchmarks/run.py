@@ -1,0 +1,111 @@
+"""Run the PrefixPlus benchmarks against stock PEFT prefix tuning and write a results folder.
+
+Examples::
+
+    python benchmarks/run.py --suite all --out benchmarks/results
+    python benchmarks/run.py --suite train --device cuda --out runs/gpu
+    python benchmarks/run.py --suite decode --smoke --out /tmp/smoke
+
+Each suite adds itself to ``OUT/results.json`` (suites run before are kept) and rewrites ``OUT/results.md`` and
+its PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import report  # noqa: E402
+from benchmarks.common import RunOptions, load_average  # noqa: E402
+
+SUITES = ("train", "decode", "size", "merge", "quality")
+
+
+def _suite_module(name: str):  # noqa: ANN202 - a module
+    import importlib
+
+    return importlib.import_module(f"benchmarks.suite_{name}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=(*SUITES, "all"), default="all")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the suites run")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up repeats per method (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, all cores)"
+    )
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="train suite: batch sizes (1 8 32)")
+    parser.add_argument("--seqs", type=int, nargs="+", default=None, help="train suite: sequence lengths (128 512)")
+    parser.add_argument(
+        "--quality-part",
+        choices=("all", "seq2seq", "smollm2"),
+        default="all",
+        help="quality suite: the encoder-decoder part, the SmolLM2 part, or both",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda: no CUDA device is available", file=sys.stderr)
+            return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = RunOptions(
+        device=args.device, smoke=args.smoke, repeats=args.repeats, warmup=args.warmup, seed=args.seed
+    )
+    command = "python benchmarks/run.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    for name in SUITES if args.suite == "all" else (args.suite,):
+        module = _suite_module(name)
+        kwargs = {}
+        if name == "train":
+            if args.batches:
+                kwargs["batches"] = tuple(args.batches)
+            if args.seqs:
+                kwargs["seqs"] = tuple(args.seqs)
+        if name == "quality":
+            kwargs["part"] = args.quality_part
+        print(f"[benchmarks] suite {name} ...", flush=True)
+        load_before, start = load_average(), time.perf_counter()
+        result = module.run(options, **kwargs)
+        result.update(
+            command=command,
+            date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            wall_s=time.perf_counter() - start,
+            load_before=[round(x, 2) for x in load_before] if load_before else None,
+            load_after=[round(x, 2) for x in load_average() or ()] or None,
+            environment=report.environment(args.device),
+        )
+        args.out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = module.plot(result, str(args.out)) if hasattr(module, "plot") else []
+        result.setdefault("notes", [])
+        results = report.load(args.out)  # read again: another run may have added a suite meanwhile
+        results["suites"][name] = result
+        report.save(args.out, results)
+        print(f"[benchmarks] suite {name} done in {result['wall_s']:.0f} s -> {args.out}/results.md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Suite ``train`` (measurements 1 and 2): training step time and peak memory, PrefixPlus against stock PEFT.
+
+One step is forward, backward and optimizer step (AdamW) on a fixed random batch of the ~20M-parameter Llama from
+:func:`benchmarks.common.build_llama`, with a prefix of 32 virtual tokens. Methods, each on its own copy of the same
+weights:
+
+- ``floor``: the frozen base model, forward and backward with no prefix (the input embeddings require grad, so the
+  backward pass runs through every layer as it must for prefixes; no optimizer step, nothing is trainable);
+- ``stock_proj`` / ``stock_raw``: stock PEFT ``PrefixTuningConfig`` with ``prefix_projection=True`` (MLP width
+  ``mlp_width``, ``encoder_hidden_size``) and ``False``;
+- ``pp_proj`` / ``pp_raw``: PrefixPlus with the same MLP width (``mlp_hidden_size``) and raw prefixes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import peft
+import torch
+
+from peft_prefix_plus import PrefixPlusConfig
+
+from .common import (
+    RunOptions,
+    alternate,
+    build_llama,
+    count_parameters,
+    fresh_copy,
+    measure_peak_memory,
+    median,
+    paired_ratio,
+)
+
+PREFIX_LENGTH = 32
+MLP_WIDTH = 512
+LEARNING_RATE = 1e-3
+METHODS = ("floor", "stock_proj", "stock_raw", "pp_proj", "pp_raw")
+DEFAULT_BATCHES = (1, 8, 32)
+DEFAULT_SEQS = (128, 512)
+
+
+def _peft_config(method: str, prefix_length: int, mlp_width: int) -> peft.PeftConfig:
+    if method.startswith("stock"):
+        return peft.PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=prefix_length,
+            prefix_projection=method == "stock_proj",
+            encoder_hidden_size=mlp_width,
+        )
+    return PrefixPlusConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=prefix_length,
+        prefix_projection=method == "pp_proj",
+        mlp_hidden_size=mlp_width,
+    )
+
+
+def build_method(method: str, base: torch.nn.Module, device: str, prefix_length: int, mlp_width: int) -> Any:
+    """The model of ``method`` on a copy of ``base`` and a closure that runs one training step."""
+    model = fresh_copy(base).to(device)
+    if method == "floor":
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+        def floor_step(batch: torch.Tensor) -> None:
+            embeddings = model.get_input_embeddings()(batch).detach().requires_grad_(True)
+            model(inputs_embeds=embeddings, labels=batch).loss.backward()
+
+        return model, floor_step, 0
+    model = peft.get_peft_model(model, _peft_config(method, prefix_length, mlp_width))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
+    model.train()
+
+    def step(batch: torch.Tensor) -> None:
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step, sum(p.numel() for p in trainable)
+
+
+def run(options: RunOptions, batches: tuple[int, ...] = DEFAULT_BATCHES, seqs: tuple[int, ...] = DEFAULT_SEQS) -> dict:
+    """Run the suite and return its results (settings, one row per batch x sequence x method, targets)."""
+    device = options.device
+    if options.smoke:
+        batches, seqs = (2,), (16,)
+    prefix_length = 4 if options.smoke else PREFIX_LENGTH
+    mlp_width = 16 if options.smoke else MLP_WIDTH
+    base = build_llama(options.seed, options.smoke)
+    methods = {}
+    for method in METHODS:
+        model, step, trainable = build_method(method, base, device, prefix_length, mlp_width)
+        methods[method] = {"model": model, "step": step, "trainable": trainable}
+    repeats, warmup = options.n_repeats(5), options.n_warmup()
+    rows, memory_tool = [], None
+    generator = torch.Generator().manual_seed(options.seed + 1)
+    vocab = base.config.vocab_size
+    for batch_size in batches:
+        for seq in seqs:
+            batch = torch.randint(3, vocab, (batch_size, seq), generator=generator).to(device)
+            fns = {name: (lambda m=m, b=batch: m["step"](b)) for name, m in methods.items()}
+            times, _ = alternate(fns, repeats, warmup, device)
+            medians = ", ".join(f"{name} {median(t):.3f}s" for name, t in times.items())
+            print(f"[train] batch {batch_size} seq {seq}: {medians}", flush=True)
+            for name, entry in methods.items():
+                peak, memory_tool = measure_peak_memory(lambda e=entry, b=batch: e["step"](b), device)
+                trainable_state = entry["trainable"] * 4 * 4  # fp32 parameter, gradient and two AdamW moments
+                rows.append(
+                    {
+                        "batch": batch_size,
+                        "seq": seq,
+                        "method": name,
+                        "median_s": median(times[name]),
+                        "times_s": times[name],
+                        "peak_step_bytes": peak,
+                        "trainable_params": entry["trainable"],
+                        "peak_with_trainable_state_bytes": peak + trainable_state,
+                    }
+                )
+    return {
+        "suite": "train",
+        "settings": {
+            "model": f"Llama, {count_parameters(base) / 1e6:.1f}M parameters, hidden {base.config.hidden_size}, "
+            f"{base.config.num_hidden_layers} layers, {base.config.num_attention_heads} query / "
+            f"{base.config.num_key_value_heads} key-value heads (GQA), vocab {vocab}",
+            "prefix_length": prefix_length,
+            "mlp_width": mlp_width,
+            "optimizer": f"AdamW lr {LEARNING_RATE}",
+            "batches": list(batches),
+            "seqs": list(seqs),
+            "repeats": repeats,
+            "warmup": warmup,
+            "memory_tool": memory_tool,
+            "device": device,
+        },
+        "rows": rows,
+        "targets": targets(rows),
+    }
+
+
+def _lookup(rows: list[dict], batch: int, seq: int, method: str, key: str) -> float:
+    return next(r[key] for r in rows if (r["batch"], r["seq"], r["method"]) == (batch, seq, method))
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Compare the rows with the issue's targets; one verdict per (target, batch, seq)."""
+    verdicts = []
+    configs = sorted({(r["batch"], r["seq"]) for r in rows})
+    checks = [
+        # (what, numerator, denominator, key, limit, applies to batch >= )
+        ("step time", "pp_proj", "stock_proj", "median_s", 0.9, 8),
+        ("step time", "pp_raw", "stock_raw", "median_s", 1.0, 1),
+        ("step time", "pp_proj", "floor", "median_s", 1.15, 1),
+        ("step time", "pp_raw", "floor", "median_s", 1.15, 1),
+        ("peak memory", "pp_proj", "stock_proj", "peak_with_trainable_state_bytes", 1.0, 1),
+        ("peak memory", "pp_raw", "stock_raw", "peak_with_trainable_state_bytes", 1.0, 1),
+    ]
+    for what, num, den, key, limit, min_batch in checks:
+        for batch, seq in configs:
+            ratio = _lookup(rows, batch, seq, num, key) / max(_lookup(rows, batch, seq, den, key), 1e-12)
+            applies = batch >= min_batch
+            paired = None
+            if key == "median_s":
+                paired = paired_ratio(
+                    _lookup(rows, batch, seq, num, "times_s"), _lookup(rows, batch, seq, den, "times_s")
+                )
+            verdicts.append(
+                {
+                    "measurement": what,
+                    "case": f"batch {batch}, seq {seq}",
+                    "comparison": f"{num} / {den}",
+                    "ratio": ratio,
+                    "paired_ratio": paired,
+                    "target": f"<= {limit}" if applies else f"(target <= {limit} applies at batch >= {min_batch})",
+                    "met": (ratio <= limit) if applies else None,
+                }
+            )
+    return verdicts
+
+
+def plot(result: dict, out_dir: str) -> list[str]:
+    """Bar charts of median step time and peak memory per configuration and method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    configs = sorted({(r["batch"], r["seq"]) for r in rows})
+    files = []
+    for key, label, scale, name in (
+        ("median_s", "median step time (s)", 1.0, "train_step_time.png"),
+        ("peak_with_trainable_state_bytes", "peak step memory (MiB)", 2**-20, "train_peak_memory.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        width = 0.8 / len(METHODS)
+        for i, method in enumerate(METHODS):
+            values = [_lookup(rows, b, s, method, key) * scale for b, s in configs]
+            ax.bar([c + i * width for c in range(len(configs))], values, width, label=method)
+        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(configs))])
+        ax.set_xticklabels([f"b{b} s{s}" for b, s in configs])
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.set_title(f"Training step, prefix {result['settings']['prefix_length']} ({result['settings']['device']})")
+        fig.tight_layout()
+        path = f"{out_dir}/{name}"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(name)
+    return files
