@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from conftest import batch_for, site_kwargs, tiny_model
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
@@ -235,12 +236,45 @@ def test_generation(family, monkeypatch):
     assert greedy.shape[1] == (5 + new_tokens if not base.config.is_encoder_decoder else new_tokens)
 
 
-def test_unsupported_model_type_is_named():
-    from transformers import BloomConfig, BloomForCausalLM
-
-    base = BloomForCausalLM(BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4))
-    with pytest.raises(ValueError, match=r"'bloom'.*AttentionInterface"):
+@pytest.mark.parametrize(
+    ("model_type", "config_kwargs"),
+    [
+        ("bloom", {"n_layer": 2, "n_head": 4}),
+        ("falcon", {"num_hidden_layers": 2, "num_attention_heads": 4}),
+    ],
+)
+def test_unsupported_model_type_is_named(model_type, config_kwargs):
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=100, hidden_size=32, **config_kwargs)
+    base = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=rf"'{model_type}'.*AttentionInterface.*Supported"):
         get_peft_model(base, PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "gemma", "roberta"])
+def test_other_families_need_no_special_code(model_type):
+    """Families beyond the tested table work as long as their attention goes through the AttentionInterface."""
+    sizes = {
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
+    if model_type != "roberta":  # grouped-query attention
+        sizes |= {"num_key_value_heads": 2, "head_dim": 8}
+    config = transformers.AutoConfig.for_model(model_type, **sizes)
+    if model_type == "roberta":
+        base, task = transformers.AutoModelForSequenceClassification.from_config(config), "SEQ_CLS"
+    else:
+        base, task = transformers.AutoModelForCausalLM.from_config(config), "CAUSAL_LM"
+    reference = frozen_copy(base)
+    input_ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids).logits
+        assert not torch.allclose(model(input_ids=input_ids).logits, expected)
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=input_ids).logits, expected)
 
 
 def test_peft_model_from_pretrained_roundtrip_identity(tmp_path):
