@@ -137,25 +137,30 @@ def _make_prefix_attention(implementation: str) -> Callable:
         attention_mask: Optional[torch.Tensor],
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        base = _base_function(module, implementation)
         route = getattr(module, _ROUTE_ATTR, None)
         prefix = None if route is None else route[0].prefix_for(route[1], route[2])
         if prefix is None:
-            return base(module, query, key, value, attention_mask, **kwargs)
-        prefix_keys, prefix_values = prefix
-        batch, length = key.shape[0], prefix_keys.shape[1]
-        prefix_keys = prefix_keys.to(device=key.device, dtype=key.dtype).expand(batch, -1, -1, -1)
-        prefix_values = prefix_values.to(device=value.device, dtype=value.dtype).expand(batch, -1, -1, -1)
+            return _base_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+        layer = route[0]
+        prefix_keys = prefix[0].to(device=key.device, dtype=key.dtype)
+        prefix_values = prefix[1].to(device=value.device, dtype=value.dtype)
+        length = prefix_keys.shape[1]
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-        attention_mask = _extend_mask(attention_mask, length, query, key, causal, boolean=implementation == "sdpa")
+        # every layer of a forward pass gets the same mask: extend it once
+        memo_key = (attention_mask, length, query.shape[2], key.shape[2], causal, implementation)
+        extended = layer.memo(memo_key)
+        if extended is None:
+            extended = _extend_mask(attention_mask, length, query, key, causal, boolean=implementation == "sdpa")
+            layer.remember(memo_key, extended)
         if query.shape[2] == 1 and not module.training and kwargs.keys() <= _DECODE_KWARGS:
-            return _decode_attention(query, key, value, prefix_keys[0], prefix_values[0], attention_mask, **kwargs)
+            return _decode_attention(query, key, value, prefix_keys, prefix_values, extended, **kwargs)
         position_bias = kwargs.get("position_bias")
         if position_bias is not None:
             kwargs["position_bias"] = nn.functional.pad(position_bias, (length, 0))
-        key = torch.cat([prefix_keys, key], dim=2)
-        value = torch.cat([prefix_values, value], dim=2)
-        return base(module, query, key, value, attention_mask, **kwargs)
+        batch = key.shape[0]
+        key = torch.cat([prefix_keys.expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([prefix_values.expand(batch, -1, -1, -1), value], dim=2)
+        return _base_function(module, implementation)(module, query, key, value, extended, **kwargs)
 
     prefix_attention.__name__ = f"prefix_plus_{implementation}_attention"
     return prefix_attention

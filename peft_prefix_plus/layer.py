@@ -136,6 +136,8 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         self._prefixes: dict[str, list[tuple[dict[int, int], torch.Tensor]]] = {}
         # set by PrefixPlusModel when the model uses activation checkpointing
         self.checkpointing = False
+        # (input mask and geometry, extended mask) pairs of the current forward pass, shared by all its layers
+        self._masks: list[tuple[tuple, Optional[torch.Tensor]]] = []
         # device of the attention layers of each site, where its prefix encoders live
         self.site_devices: dict[str, torch.device] = {}
 
@@ -233,3 +235,19 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
     def clear(self) -> None:
         """Drop the prefixes of the last forward pass (and the autograd graph they hold)."""
         self._prefixes.clear()
+        self._masks.clear()
+
+    def begin_pass(self) -> None:
+        """Forget the extended attention masks of the previous forward pass."""
+        self._masks.clear()
+
+    def memo(self, key: tuple) -> Optional[torch.Tensor]:
+        """The extended mask remembered under ``key`` in this forward pass (the input mask is compared by identity)."""
+        for known, extended in self._masks:
+            if known[0] is key[0] and known[1:] == key[1:]:
+                return extended
+        return None
+
+    def remember(self, key: tuple, extended: Optional[torch.Tensor]) -> None:
+        """Remember the extended mask for the rest of this forward pass."""
+        self._masks.append((key, extended))

@@ -209,6 +209,7 @@ class PrefixPlusModel(BaseTuner):
         layer.checkpointing = module.training and any(
             getattr(m, "gradient_checkpointing", False) is True for m in self._checkpointing_modules
         )
+        layer.begin_pass()
         cache = _cache_argument(kwargs)
         # During cached decoding the parameters cannot change between steps (no gradients are being computed), so
         # the prefixes of the first step of a `generate` call are reused until its cache object is done with.
@@ -224,6 +225,7 @@ class PrefixPlusModel(BaseTuner):
         return args, kwargs
 
     def _before_encoder_forward(self, module: nn.Module, args: tuple) -> None:
+        self._layer.begin_pass()
         self._layer.refresh(("encoder",))
 
     def _uses_position_offset(self) -> bool:

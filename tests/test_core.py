@@ -326,3 +326,16 @@ def test_zero_init_gives_zero_prefixes(projection):
     model = get_peft_model(base, config)
     for encoder in model.base_model.prefix_plus_layer.prefix_plus_sites["default"].values():
         assert torch.count_nonzero(encoder.project()) == 0
+
+
+@pytest.mark.parametrize(("family", "expected"), [("llama", 1), ("t5", 3)])
+def test_attention_mask_is_extended_once_per_forward_pass(family, expected, monkeypatch):
+    from peft_prefix_plus import attention
+
+    calls = []
+    extend = attention._extend_mask
+    monkeypatch.setattr(attention, "_extend_mask", lambda *a, **k: calls.append(1) or extend(*a, **k))
+    base, task = tiny_model(family)
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3))
+    model(**batch_for(task))
+    assert len(calls) == expected  # one per distinct mask (T5: encoder, decoder self, cross), not one per layer
