@@ -31,17 +31,8 @@ METHODS = ("base", "stock", "pp_unmerged", "pp_merged")
 
 def merge_prefix_mlp(model: peft.PeftModel) -> str:
     """Merge the PrefixPlus MLP into raw prefixes with ``merge_mlp()``; returns how it was merged."""
-    if hasattr(model, "merge_mlp"):
-        model.merge_mlp()
-        return "peft_model.merge_mlp()"
-    if hasattr(model.base_model, "merge_mlp"):
-        model.base_model.merge_mlp()
-        return "PrefixPlusModel.merge_mlp()"
-    # merge_mlp is not available yet: merge each site encoder directly (same arithmetic, config not updated)
-    for sites in model.base_model._layer.prefix_plus_sites.values():
-        for encoder in sites.values():
-            encoder.merge()
-    return "PrefixSiteEncoder.merge() (merge_mlp() not available in this checkout)"
+    model.merge_mlp()
+    return "peft_model.merge_mlp()"
 
 
 def build_models(options: RunOptions, prefix_length: int, mlp_width: int) -> tuple[dict, str, torch.nn.Module]:

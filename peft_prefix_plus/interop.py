@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import PrefixSiteEncoder
+from .layer import PrefixSiteEncoder, site_layout
 
 
 def stock_to_site_tensor(
@@ -42,9 +42,8 @@ def stock_to_site_tensor(
             f"Stock prefix of shape {tuple(prompt_embeddings.shape)} does not fit {num_layers} layers x 2 x "
             f"{num_key_value_heads} key/value heads x {head_dim} head_dim (expected (num_virtual_tokens, {expected}))."
         )
-    length = prompt_embeddings.shape[0]
-    site = prompt_embeddings.view(length, num_layers, 2, num_key_value_heads, head_dim)
-    return site.permute(1, 2, 3, 0, 4).contiguous()
+    shape = (num_layers, 2, num_key_value_heads, prompt_embeddings.shape[0], head_dim)
+    return site_layout(prompt_embeddings, shape).contiguous()
 
 
 def site_tensor_to_stock(prefix: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,26 @@ def build_mlp(token_dim: int, hidden_size: int, depth: int, activation: str, out
     return nn.Sequential(*layers)
 
 
+def site_layout(flat: torch.Tensor, shape: tuple[int, int, int, int, int]) -> torch.Tensor:
+    """View prefixes stored one row per virtual token, as the MLP produces them and stock PEFT saves them, in the
+    site layout ``(num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)`` (no copy).
+
+    Args:
+        flat (`torch.Tensor`): Shape ``(num_virtual_tokens, num_layers * 2 * num_key_value_heads * head_dim)``, each
+            row laid out as ``(layer, key/value, head, head_dim)``.
+        shape (`tuple`): The site shape.
+
+    Example:
+
+    ```py
+    >>> site_layout(torch.zeros(20, 4 * 2 * 2 * 16), (4, 2, 2, 20, 16)).shape
+    torch.Size([4, 2, 2, 20, 16])
+    ```
+    """
+    num_layers, _, heads, length, head_dim = shape
+    return flat.view(length, num_layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4)
+
+
 class PrefixSiteEncoder(nn.Module):
     """Produces the key/value prefixes of one attention site (e.g. decoder self-attention) for all its layers.
 
@@ -97,24 +117,10 @@ class PrefixSiteEncoder(nn.Module):
         """Run the MLP (or return the raw prefix), without dropout."""
         if not self.is_projected:
             return self.prefix
-        num_layers, _, heads, length, head_dim = self.shape
-        out = self.mlp(self.embedding.weight)  # (length, num_layers * 2 * heads * head_dim)
-        return out.view(length, num_layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4)
+        return site_layout(self.mlp(self.embedding.weight), self.shape)
 
     def forward(self) -> torch.Tensor:
         return self.dropout(self.project())
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Replace the embedding and MLP by the raw prefixes they produce, computed once in float32."""
-        if not self.is_projected:
-            return
-        mlp, embedding = self.mlp.float(), self.embedding.float()
-        raw = mlp(embedding.weight)
-        num_layers, _, heads, length, head_dim = self.shape
-        raw = raw.view(length, num_layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
-        del self.mlp, self.embedding
-        self.prefix = nn.Parameter(raw)
 
 
 class PrefixPlusLayer(nn.Module, BaseTunerLayer):

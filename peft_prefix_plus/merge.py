@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import PrefixPlusConfig
-from .layer import PrefixSiteEncoder
+from .layer import PrefixSiteEncoder, site_layout
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import PrefixPlusModel
@@ -49,11 +49,9 @@ def project_in_float32(
     >>> raw = project_in_float32(encoder.embedding.weight, copy.deepcopy(encoder.mlp), encoder.shape, torch.float32)
     ```
     """
-    num_layers, _, heads, length, head_dim = shape
     # fresh, aligned memory: loaded (memory-mapped) tensors could otherwise take another matmul path
     out = mlp.float()(embedding.to(torch.float32, copy=True))
-    raw = out.view(length, num_layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
-    return raw.to(dtype)
+    return site_layout(out, shape).contiguous().to(dtype)
 
 
 def merge_site_encoder(encoder: PrefixSiteEncoder) -> bool:
