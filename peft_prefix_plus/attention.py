@@ -63,14 +63,15 @@ def _extend_mask(
         q_len, k_len = query.shape[2], key.shape[2]
         if not causal or q_len == 1:
             return None
-        # sdpa would align `is_causal` to the top left of the longer key; build the bottom-right causal mask instead
-        rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
-        allowed = torch.arange(k_len, device=query.device)[None, :] <= rows
-        mask = allowed[None, None]
-        if not boolean:
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~mask, torch.finfo(query.dtype).min
-            )
+        # sdpa would align `is_causal` to the top left of the longer key; build the bottom-right causal mask over
+        # prefix and keys instead
+        rows = torch.arange(q_len, device=query.device)[:, None] + (length + k_len - q_len)
+        allowed = (torch.arange(length + k_len, device=query.device)[None, :] <= rows)[None, None]
+        if boolean:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~allowed, torch.finfo(query.dtype).min
+        )
     if mask.dtype == torch.bool:
         columns = mask.new_ones((*mask.shape[:-1], length))
     else:

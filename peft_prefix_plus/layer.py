@@ -138,8 +138,8 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self.merged_adapters = []
-        # site -> [(layer index -> slot, prefixes of one adapter)], valid for the current forward pass
-        self._prefixes: dict[str, list[tuple[dict[int, int], torch.Tensor]]] = {}
+        # site -> [(layer index -> slot, per slot the (keys, values) of one adapter)], valid for the current pass
+        self._prefixes: dict[str, list[tuple[dict[int, int], list[tuple[torch.Tensor, ...]]]]] = {}
         # set by PrefixPlusModel when the model uses activation checkpointing
         self.checkpointing = False
         # (input mask and geometry, extended mask) pairs of the current forward pass, shared by all its layers
@@ -192,7 +192,13 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters:
             return
         for site in sites:
-            entries = [(encoder.slots, self._produce(encoder)) for encoder in self._active_encoders(site)]
+            # Split into per-layer keys and values once, with `unbind`: its backward gathers the gradients of all
+            # layers into one tensor, where indexing per layer would allocate a zero-filled gradient of the whole
+            # prefix for every layer.
+            entries = [
+                (encoder.slots, [pair.unbind(0) for pair in self._produce(encoder).unbind(0)])
+                for encoder in self._active_encoders(site)
+            ]
             if entries:
                 self._prefixes[site] = entries
 
@@ -221,11 +227,11 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         prefixes one after the other.
         """
         keys, values = [], []
-        for slots, prefix in self._prefixes.get(site, ()):
+        for slots, pairs in self._prefixes.get(site, ()):
             slot = slots.get(layer)
             if slot is not None:
-                keys.append(prefix[slot, 0])
-                values.append(prefix[slot, 1])
+                keys.append(pairs[slot][0])
+                values.append(pairs[slot][1])
         if not keys:
             return None
         if len(keys) == 1:

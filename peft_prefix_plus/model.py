@@ -130,7 +130,10 @@ class PrefixPlusModel(BaseTuner):
         set_attention_implementation(model, {key: WRAPPED_IMPLEMENTATIONS[impl] for key, impl in saved.items()})
         self._saved_attn_implementations = saved
         self._sites = sites
-        self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
+        self._hooks = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward),
+        ]
         self._top_sites = tuple(s for s in ("self", "cross") if s in sites)
         if "encoder" in sites:
             encoder = model.get_encoder()
@@ -223,6 +226,17 @@ class PrefixPlusModel(BaseTuner):
         if self._uses_position_offset():
             kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"))
         return args, kwargs
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        layer = self._layer
+        if layer.checkpointing:
+            return  # recomputation in the backward pass reads the prefixes and masks again
+        if self._prefixes_owner is None:
+            # The autograd graph keeps what the backward pass needs; holding the prefixes and the extended masks until
+            # the next pass would only add them to the step's peak memory.
+            layer.clear()
+        else:
+            layer.begin_pass()  # cached decoding: keep the prefixes for the next step
 
     def _before_encoder_forward(self, module: nn.Module, args: tuple) -> None:
         self._layer.begin_pass()

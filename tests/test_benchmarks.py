@@ -48,3 +48,66 @@ def test_results_accumulate_across_suites(tmp_path: Path) -> None:
     assert bench.main(["--suite", "merge", "--smoke", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["suites"]) == {"size", "merge"}
+
+
+def test_several_suites_in_one_command(tmp_path: Path) -> None:
+    """`--suite size merge` runs both, in that order, into one results folder."""
+    assert bench.main(["--suite", "size", "merge", "--smoke", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["suites"]) == ["size", "merge"]
+
+
+def test_quality_parts_run_separately_are_combined(tmp_path: Path) -> None:
+    """`--quality-part smollm2` after `--quality-part seq2seq` keeps the seq2seq figures, each with its command."""
+    assert bench.main(["--suite", "quality", "--quality-part", "seq2seq", "--smoke", "--out", str(tmp_path)]) == 0
+    seq2seq_rows = json.loads((tmp_path / "results.json").read_text())["suites"]["quality"]["rows"]
+    assert bench.main(["--suite", "quality", "--quality-part", "smollm2", "--smoke", "--out", str(tmp_path)]) == 0
+    quality = json.loads((tmp_path / "results.json").read_text())["suites"]["quality"]
+    assert [r for r in quality["rows"] if r["part"] == "seq2seq"] == seq2seq_rows
+    assert {r["part"] for r in quality["rows"]} == {"seq2seq", "smollm2"}
+    assert "--quality-part seq2seq" in quality["part_runs"]["seq2seq"]["command"]
+    assert "--quality-part smollm2" in quality["part_runs"]["smollm2"]["command"]
+    assert {"quality_seq2seq_loss.png", "quality_smollm2_loss.png"} <= set(quality["plots"])
+
+
+def test_peak_memory_counts_new_storage_only() -> None:
+    """Views and in-place updates of tensors that existed before the block (weights) are not allocations."""
+    import torch
+
+    from benchmarks.common import PeakMemory
+
+    weight = torch.randn(256, 256)
+    with PeakMemory() as tracker:
+        transposed = weight.t()  # a view of existing storage
+        weight.mul_(1.0)  # in place
+    assert tracker.peak == 0 and transposed.shape == (256, 256)
+    with PeakMemory() as tracker:
+        first = weight @ weight  # 256 KiB
+        second = first + 1  # another 256 KiB while the first is alive
+        del first
+        third = second * 2  # the first is freed: still two alive at most
+    assert tracker.peak == 2 * 256 * 256 * 4
+    assert third.shape == (256, 256)
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["raw", "mlp"])
+def test_prefix_plus_step_needs_no_more_memory_than_stock(projection: bool) -> None:
+    """Peak tensor memory of a training step (bytes, not time): PrefixPlus at most stock PEFT's, with the same MLP.
+
+    Guards against holding the prefixes or the extended masks beyond the forward pass, and against per-layer
+    full-size gradient buffers for the prefix.
+    """
+    import torch
+
+    from benchmarks.common import build_llama, measure_peak_memory
+    from benchmarks.suite_train import build_method
+
+    base = build_llama(0, smoke=True)
+    batch = torch.randint(3, base.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    peaks = {}
+    for method in ("stock_proj", "pp_proj") if projection else ("stock_raw", "pp_raw"):
+        _, step, _ = build_method(method, base, "cpu", prefix_length=4, mlp_width=16)
+        step(batch)  # creates the optimizer state
+        peaks[method] = measure_peak_memory(lambda step=step: step(batch), "cpu")[0]
+    stock, ours = peaks.values()
+    assert 0 < ours <= stock, peaks
