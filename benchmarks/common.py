@@ -129,15 +129,16 @@ class PeakMemory(TorchDispatchMode):
     """Peak bytes of tensor storage allocated inside the ``with`` block and still alive, on CPU.
 
     Neither ``tracemalloc`` (it sees Python's allocator only, not tensor storage) nor the CUDA allocator statistics
-    apply to CPU tensors, so this mode watches every aten operation (forward, backward and optimizer step): each new
-    output storage is counted until its last reference dies. Storages that existed before the block (weights, the
-    optimizer state after warm-up) are not counted; scratch buffers internal to one kernel are not seen either.
+    apply to CPU tensors, so this mode watches every aten operation (forward, backward and optimizer step): each
+    output storage that is new, that is, shared with none of the operation's inputs, is counted until its last
+    reference dies. Views and in-place results share an input's storage and are not counted, so storages that existed
+    before the block (weights, the optimizer state after warm-up) never are. Scratch buffers internal to one kernel
+    are not seen either.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self._known: set[int] = set()
         self.current = 0
         self.peak = 0
 
@@ -145,15 +146,25 @@ class PeakMemory(TorchDispatchMode):
         for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
             self.current -= self._live.pop(key)[1]
 
+    @staticmethod
+    def _storages(tree: Any) -> set[int]:
+        return {
+            StorageWeakRef(t.untyped_storage()).cdata
+            for t in tree_flatten(tree)[0]
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+        }
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
         self._sweep()
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = self._storages((args, kwargs))
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
                 continue
             storage = tensor.untyped_storage()
             ref = StorageWeakRef(storage)
-            if ref.cdata in self._live:
+            if ref.cdata in inputs or ref.cdata in self._live:
                 continue
             self._live[ref.cdata] = (ref, storage.nbytes())
             self.current += storage.nbytes()

@@ -3,6 +3,7 @@
 Examples::
 
     python benchmarks/run.py --suite all --out benchmarks/results
+    python benchmarks/run.py --suite train decode size merge     # everything except quality
     python benchmarks/run.py --suite train --device cuda --out runs/gpu
     python benchmarks/run.py --suite decode --smoke --out /tmp/smoke
 
@@ -37,7 +38,13 @@ def _suite_module(name: str):  # noqa: ANN202 - a module
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=(*SUITES, "all"), default="all")
+    parser.add_argument(
+        "--suite",
+        choices=(*SUITES, "all"),
+        nargs="+",
+        default=["all"],
+        help="one or more suites, run in the order given; `all` runs the five in the order above",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the suites run")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -76,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/run.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
-    for name in SUITES if args.suite == "all" else (args.suite,):
+    names = SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
+    for name in names:
         module = _suite_module(name)
         kwargs = {}
         if name == "train":
@@ -98,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             environment=report.environment(args.device),
         )
         args.out.mkdir(parents=True, exist_ok=True)
+        results = report.load(args.out)  # read again: another run may have added a suite meanwhile
+        if hasattr(module, "combine"):  # a partial run (e.g. one quality part) keeps the rest of the last run
+            result = module.combine(results["suites"].get(name), result)
         result["plots"] = module.plot(result, str(args.out)) if hasattr(module, "plot") else []
         result.setdefault("notes", [])
-        results = report.load(args.out)  # read again: another run may have added a suite meanwhile
         results["suites"][name] = result
         report.save(args.out, results)
         print(f"[benchmarks] suite {name} done in {result['wall_s']:.0f} s -> {args.out}/results.md", flush=True)

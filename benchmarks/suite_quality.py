@@ -423,6 +423,26 @@ def run(options: RunOptions, part: str = "all") -> dict:
     return {"suite": "quality", "settings": settings, "rows": rows, "runs": runs, "targets": [], "notes": notes}
 
 
+_RUN_FACTS = ("command", "date", "wall_s", "load_before", "load_after", "environment")
+
+
+def combine(previous: dict | None, result: dict) -> dict:
+    """Add to ``result`` the parts of ``previous`` (the stored quality results) that ``result`` did not run.
+
+    ``--quality-part smollm2`` then replaces only the SmolLM2 figures. Each part keeps the command, date and wall
+    time of the run that produced it under ``part_runs``.
+    """
+    facts = {part: {k: result.get(k) for k in _RUN_FACTS} for part in result.get("runs", {})}
+    kept = [part for part in (previous or {}).get("runs", {}) if part not in facts]
+    for part in kept:
+        result["runs"][part] = previous["runs"][part]
+        result["settings"][part] = previous["settings"][part]
+        facts[part] = previous.get("part_runs", {}).get(part) or {k: previous.get(k) for k in _RUN_FACTS}
+    result["rows"] = [r for r in previous["rows"] if r["part"] in kept] + result["rows"] if kept else result["rows"]
+    result["part_runs"] = {part: facts[part] for part in ("seq2seq", "smollm2") if part in facts}
+    return result
+
+
 def plot(result: dict, out_dir: str) -> list[str]:
     import matplotlib
 
