@@ -48,9 +48,9 @@ def build_models(options: RunOptions, prefix_length: int, mlp_width: int) -> tup
     models["pp_unmerged"] = peft.get_peft_model(fresh_copy(base), plus)
     models["pp_merged"] = peft.get_peft_model(fresh_copy(base), plus)
     models["pp_merged"].load_state_dict(models["pp_unmerged"].state_dict())
-    how = merge_prefix_mlp(models["pp_merged"])
     for name, model in models.items():
         models[name] = model.to(options.device).eval()
+    how = merge_prefix_mlp(models["pp_merged"])  # on the device, as the unmerged model computes its MLP
     return models, how, base
 
 

@@ -96,6 +96,7 @@ def run(options: RunOptions) -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),  # as many threads as this process (--threads)
     }
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "adapter"
@@ -132,7 +133,12 @@ def run(options: RunOptions) -> dict:
     ]
     return {
         "suite": "merge",
-        "settings": {"shape": shape, "repeats": repeats, "memory_tool": "ru_maxrss of a fresh process (peak RSS)"},
+        "settings": {
+            "shape": shape,
+            "repeats": repeats,
+            "memory_tool": "ru_maxrss of a fresh process (peak RSS)",
+            "device": "cpu (merge_adapter works on files, without a model or an accelerator)",
+        },
         "rows": rows,
         "runs": runs,
         "targets": [

@@ -90,6 +90,10 @@ def seq2seq_model(family: str, seed: int, smoke: bool) -> transformers.PreTraine
     return transformers.BartForConditionalGeneration(config)
 
 
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def permutation_batch(generator: torch.Generator, permutation: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
     """``size`` examples of the fixed-permutation task: labels are the source tokens reordered by ``permutation``."""
     source = torch.randint(FIRST_TOKEN, VOCAB, (size, SEQ_LEN), generator=generator)
@@ -145,10 +149,11 @@ def run_seq2seq(options: RunOptions) -> tuple[list[dict], dict]:
     seeds = S2S_SEEDS[:1] if options.smoke else S2S_SEEDS
     eval_size = 16 if options.smoke else S2S_EVAL
     runs: list[dict] = []
+    device = options.device
     for family in ("t5", "bart"):
-        base = seq2seq_model(family, options.seed, options.smoke)
+        base = seq2seq_model(family, options.seed, options.smoke).to(options.device)
         permutation = torch.randperm(SEQ_LEN, generator=torch.Generator().manual_seed(1234))
-        held_out = permutation_batch(torch.Generator().manual_seed(999), permutation, eval_size)
+        held_out = to_device(permutation_batch(torch.Generator().manual_seed(999), permutation, eval_size), device)
         untuned = seq2seq_eval(base, held_out)
         runs.append({"model": family, "method": "untuned", "lr": None, "seed": None, "eval_loss": untuned[0],
                      "eval_accuracy": untuned[1], "trainable_params": 0, "train_losses": []})  # fmt: skip
@@ -157,11 +162,13 @@ def run_seq2seq(options: RunOptions) -> tuple[list[dict], dict]:
                 for seed in seeds:
                     torch.manual_seed(seed)
                     model = peft.get_peft_model(copy.deepcopy(base), seq2seq_config(method))
-                    generator = torch.Generator().manual_seed(seed)
+                    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same data on every device
+
+                    def next_batch(g: torch.Generator = generator, p: torch.Tensor = permutation) -> dict:
+                        return to_device(permutation_batch(g, p, S2S_BATCH), device)
+
                     start = time.perf_counter()
-                    losses = train_steps(
-                        model, lambda g=generator, p=permutation: permutation_batch(g, p, S2S_BATCH), steps, lr
-                    )
+                    losses = train_steps(model, next_batch, steps, lr)
                     loss, accuracy = seq2seq_eval(model, held_out)
                     runs.append(
                         {
@@ -186,6 +193,7 @@ def run_seq2seq(options: RunOptions) -> tuple[list[dict], dict]:
         "seeds": list(seeds),
         "held_out_examples": eval_size,
         "optimizer": "AdamW, constant lr, grad-norm clip 1.0",
+        "device": device,
     }
     return runs, settings
 
@@ -283,6 +291,8 @@ def run_smollm2(options: RunOptions) -> tuple[list[dict], dict]:
     example = _example_module()
     smoke = options.smoke
     base, tokenizer, model_name = _load_lm(smoke)
+    device = options.device
+    base = base.to(device)
     steps = 2 if smoke else LM_STEPS
     lrs = LM_LRS[1:2] if smoke else LM_LRS
     seeds = LM_SEEDS
@@ -294,8 +304,8 @@ def run_smollm2(options: RunOptions) -> tuple[list[dict], dict]:
     val_rows = example.read_split(example.DATA_DIR, "validation")
     train = [encoder.encode(r, i) for i, r in enumerate(train_rows)]
     val = [encoder.encode(r, i) for i, r in enumerate(val_rows[:n_loss])]
-    loss_batches = [encoder.collate(val[i : i + 25]) for i in range(0, len(val), 25)]
-    gen_batches = [encoder.collate_eval(val[i : min(i + 25, n_gen)]) for i in range(0, n_gen, 25)]
+    loss_batches = [to_device(encoder.collate(val[i : i + 25]), device) for i in range(0, len(val), 25)]
+    gen_batches = [to_device(encoder.collate_eval(val[i : min(i + 25, n_gen)]), device) for i in range(0, n_gen, 25)]
     runs = [{"method": "untuned", "lr": None, "seed": None, "eval_loss": lm_eval_loss(base, example, loss_batches)}]
     best_models: dict[str, tuple[float, dict]] = {}
     for method in LM_METHODS:
@@ -308,7 +318,9 @@ def run_smollm2(options: RunOptions) -> tuple[list[dict], dict]:
 
                 def next_batch(order: list[int] = order, position: Any = position) -> dict[str, torch.Tensor]:
                     start = next(position) * LM_BATCH % len(order)
-                    return encoder.collate([train[order[(start + j) % len(order)]] for j in range(LM_BATCH)])
+                    return to_device(
+                        encoder.collate([train[order[(start + j) % len(order)]] for j in range(LM_BATCH)]), device
+                    )
 
                 start_time = time.perf_counter()
                 losses = train_steps(model, next_batch, steps, lr)
@@ -341,6 +353,7 @@ def run_smollm2(options: RunOptions) -> tuple[list[dict], dict]:
         "validation_loss_examples": n_loss,
         "generation_examples": n_gen,
         "generation": f"greedy, {new_tokens} new tokens, first line",
+        "device": device,
     }
     return runs, settings
 
@@ -392,9 +405,8 @@ def run(options: RunOptions, part: str = "all") -> dict:
     rows, settings, runs, notes = [], {}, {}, []
     if part in ("all", "seq2seq"):
         threads = torch.get_num_threads()
-        torch.set_num_threads(
-            1
-        )  # width-64 models: a second thread only adds synchronisation (and suffers most from load)
+        if options.device == "cpu":  # width-64 models: a second thread only adds synchronisation
+            torch.set_num_threads(1)
         try:
             s2s_runs, settings["seq2seq"] = run_seq2seq(options)
         finally:

@@ -132,6 +132,7 @@ def run(options: RunOptions) -> dict:
             "t5": f"random T5, {t5.config.num_layers}+{t5.config.num_decoder_layers} layers, d_model "
             f"{t5.config.d_model}, prefixes {lengths}, MLP width {width}",
             "file measured": WEIGHTS + f" ({CONFIG} listed in results.json as config_bytes)",
+            "device": "cpu (file sizes do not depend on the device)",
         },
         "rows": rows,
         "targets": targets,
