@@ -287,6 +287,31 @@ def lm_generate_metrics(
     }
 
 
+def stock_as_prefix_plus(stock: peft.PeftModel, base: torch.nn.Module, batch: dict) -> tuple[peft.PeftModel, float]:
+    """A raw PrefixPlus model holding the trained prefix of the stock PEFT model ``stock``, for generation.
+
+    Stock PEFT's ``generate()`` drops its prefix on this stack (see
+    :func:`benchmarks.suite_decode.stock_prefix_reaches_generate`); its forward pass is fine. With
+    :func:`peft_prefix_plus.interop.copy_stock_prefix` and ``offset_position_ids=True`` the copy computes the same
+    function (positions and all), and PrefixPlus's generate uses it.
+
+    Returns:
+        The copy, and the largest absolute difference between its logits and the stock model's on ``batch``.
+    """
+    from peft_prefix_plus.interop import copy_stock_prefix
+
+    config = PrefixPlusConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=LM_PREFIX, prefix_projection=False, offset_position_ids=True
+    )
+    copy_model = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    stock.eval()
+    copy_stock_prefix(stock, copy_model)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        difference = (copy_model(**inputs).logits - stock(**inputs).logits).abs().max().item()
+    return copy_model, difference
+
+
 def run_smollm2(options: RunOptions) -> tuple[list[dict], dict]:
     example = _example_module()
     smoke = options.smoke
@@ -307,6 +332,9 @@ def run_smollm2(options: RunOptions) -> tuple[list[dict], dict]:
     loss_batches = [to_device(encoder.collate(val[i : i + 25]), device) for i in range(0, len(val), 25)]
     gen_batches = [to_device(encoder.collate_eval(val[i : min(i + 25, n_gen)]), device) for i in range(0, n_gen, 25)]
     runs = [{"method": "untuned", "lr": None, "seed": None, "eval_loss": lm_eval_loss(base, example, loss_batches)}]
+    from .suite_decode import stock_prefix_reaches_generate
+
+    stock_generates = stock_prefix_reaches_generate(options.seed)
     best_models: dict[str, tuple[float, dict]] = {}
     for method in LM_METHODS:
         for lr in lrs:
@@ -337,9 +365,14 @@ def run_smollm2(options: RunOptions) -> tuple[list[dict], dict]:
         # generate with the best learning rate of this method only, then free its model
         if method in best_models:
             best_run = best_models[method][1]
-            best_run.update(
-                lm_generate_metrics(best_run["_model"], example, tokenizer, val_rows[:n_gen], gen_batches, new_tokens)
-            )
+            model = best_run["_model"]
+            if method.startswith("stock") and not stock_generates:
+                model, difference = stock_as_prefix_plus(model, base, loss_batches[0])
+                best_run["generated_by"] = (
+                    f"a PrefixPlus copy of the trained stock prefix (max |logit difference| {difference:.2g})"
+                )
+            best_run.update(lm_generate_metrics(model, example, tokenizer, val_rows[:n_gen], gen_batches, new_tokens))
+            del model
         for run in runs:
             run.pop("_model", None)
     settings = {
@@ -353,6 +386,11 @@ def run_smollm2(options: RunOptions) -> tuple[list[dict], dict]:
         "validation_loss_examples": n_loss,
         "generation_examples": n_gen,
         "generation": f"greedy, {new_tokens} new tokens, first line",
+        "stock_generation": "stock PEFT's generate()"
+        if stock_generates
+        else "stock PEFT's generate() drops its prefix on this stack (checked on a tiny model), so the stock prefixes "
+        "generate through a PrefixPlus copy (copy_stock_prefix, offset_position_ids=True) that computes the same "
+        "logits; the difference is recorded per run",
         "device": device,
     }
     return runs, settings

@@ -148,11 +148,11 @@ def _make_prefix_attention(implementation: str) -> Callable:
         length = prefix_keys.shape[1]
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         # every layer of a forward pass gets the same mask: extend it once
-        memo_key = (attention_mask, length, query.shape[2], key.shape[2], causal, implementation)
-        extended = layer.memo(memo_key)
-        if extended is None:
+        geometry = (length, query.shape[2], key.shape[2], causal, implementation)
+        found, extended = layer.memo(attention_mask, geometry)
+        if not found:
             extended = _extend_mask(attention_mask, length, query, key, causal, boolean=implementation == "sdpa")
-            layer.remember(memo_key, extended)
+            layer.remember(attention_mask, geometry, extended)
         if query.shape[2] == 1 and not module.training and kwargs.keys() <= _DECODE_KWARGS:
             return _decode_attention(query, key, value, prefix_keys, prefix_values, extended, **kwargs)
         position_bias = kwargs.get("position_bias")

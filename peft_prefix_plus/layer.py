@@ -142,8 +142,8 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         self._prefixes: dict[str, list[tuple[dict[int, int], list[tuple[torch.Tensor, ...]]]]] = {}
         # set by PrefixPlusModel when the model uses activation checkpointing
         self.checkpointing = False
-        # (input mask and geometry, extended mask) pairs of the current forward pass, shared by all its layers
-        self._masks: list[tuple[tuple, Optional[torch.Tensor]]] = []
+        # (id of the input mask, geometry) -> (input mask, extended mask) in the current forward pass, for all layers
+        self._masks: dict[tuple, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
         # device of the attention layers of each site, where its prefix encoders live
         self.site_devices: dict[str, torch.device] = {}
 
@@ -253,13 +253,16 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         """Forget the extended attention masks of the previous forward pass."""
         self._masks.clear()
 
-    def memo(self, key: tuple) -> Optional[torch.Tensor]:
-        """The extended mask remembered under ``key`` in this forward pass (the input mask is compared by identity)."""
-        for known, extended in self._masks:
-            if known[0] is key[0] and known[1:] == key[1:]:
-                return extended
-        return None
+    def memo(self, mask: Optional[torch.Tensor], geometry: tuple) -> tuple[bool, Optional[torch.Tensor]]:
+        """Whether an extended ``mask`` for ``geometry`` was remembered in this forward pass, and that mask.
 
-    def remember(self, key: tuple, extended: Optional[torch.Tensor]) -> None:
-        """Remember the extended mask for the rest of this forward pass."""
-        self._masks.append((key, extended))
+        The input mask is compared by identity: every layer of a pass receives the same mask object.
+        """
+        entry = self._masks.get((id(mask), geometry))
+        if entry is not None and entry[0] is mask:
+            return True, entry[1]
+        return False, None
+
+    def remember(self, mask: Optional[torch.Tensor], geometry: tuple, extended: Optional[torch.Tensor]) -> None:
+        """Remember the extended ``mask`` for the rest of this forward pass."""
+        self._masks[(id(mask), geometry)] = (mask, extended)

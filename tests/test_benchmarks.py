@@ -40,6 +40,13 @@ def test_suite_runs_in_smoke_mode(suite: str, tmp_path: Path) -> None:
         assert all(t["met"] for t in result["targets"]), result["targets"]
     if suite == "quality":
         assert {row["part"] for row in result["rows"]} == {"seq2seq", "smollm2"}
+        generated = [run for run in result["runs"]["smollm2"] if "bleu" in run]
+        assert {run["method"] for run in generated} >= {"stock_proj", "stock_raw", "pp_mlp1", "lora_r8"}
+        # where stock generate() drops its prefix, the stock prefix generates through an exact PrefixPlus copy
+        drops = "drops its prefix" in result["settings"]["smollm2"]["stock_generation"]
+        for run in generated:
+            if run["method"].startswith("stock") and drops:
+                assert float(run["generated_by"].split("difference| ")[1].rstrip(")")) < 1e-4, run["generated_by"]
 
 
 def test_results_accumulate_across_suites(tmp_path: Path) -> None:
