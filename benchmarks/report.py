@@ -133,7 +133,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         parts += [f"## {name}", "", f"Command: `{suite.get('command', '?')}`  ", f"Date: {suite.get('date', '?')}, "
                   f"wall time {suite.get('wall_s', float('nan')):.0f} s, load average before/after "
                   f"{suite.get('load_before')} / {suite.get('load_after')}", ""]  # fmt: skip
-        for part, facts in suite.get("part_runs", {}).items():
+        part_runs = suite.get("part_runs", {})
+        if all(facts.get("command") == suite.get("command") for facts in part_runs.values()):
+            part_runs = {}  # one run produced every part
+        for part, facts in part_runs.items():
             parts += [f"- part `{part}`: `{facts.get('command')}`, {facts.get('date')}, wall time "
                       f"{facts.get('wall_s') or float('nan'):.0f} s", ""]  # fmt: skip
         parts += ["Settings:", ""] + [f"- {k}: {v}" for k, v in suite.get("settings", {}).items()] + [""]
