@@ -40,6 +40,7 @@ from typing import Any
 import peft
 import torch
 import transformers
+from accelerate.utils import send_to_device
 
 from peft_prefix_plus import PrefixPlusConfig
 
@@ -90,10 +91,6 @@ def seq2seq_model(family: str, seed: int, smoke: bool) -> transformers.PreTraine
         decoder_start_token_id=2, forced_eos_token_id=None, attn_implementation="sdpa",
     )  # fmt: skip
     return transformers.BartForConditionalGeneration(config)
-
-
-def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
 
 
 def permutation_batch(generator: torch.Generator, permutation: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
@@ -155,7 +152,9 @@ def run_seq2seq(options: RunOptions) -> tuple[list[dict], dict]:
     for family in ("t5", "bart"):
         base = seq2seq_model(family, options.seed, options.smoke).to(options.device)
         permutation = torch.randperm(SEQ_LEN, generator=torch.Generator().manual_seed(1234))
-        held_out = to_device(permutation_batch(torch.Generator().manual_seed(999), permutation, eval_size), device)
+        held_out = send_to_device(
+            permutation_batch(torch.Generator().manual_seed(999), permutation, eval_size), device
+        )
         untuned = seq2seq_eval(base, held_out)
         runs.append({"model": family, "method": "untuned", "lr": None, "seed": None, "eval_loss": untuned[0],
                      "eval_accuracy": untuned[1], "trainable_params": 0, "train_losses": []})  # fmt: skip
@@ -167,7 +166,7 @@ def run_seq2seq(options: RunOptions) -> tuple[list[dict], dict]:
                     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same data on every device
 
                     def next_batch(g: torch.Generator = generator, p: torch.Tensor = permutation) -> dict:
-                        return to_device(permutation_batch(g, p, S2S_BATCH), device)
+                        return send_to_device(permutation_batch(g, p, S2S_BATCH), device)
 
                     start = time.perf_counter()
                     losses = train_steps(model, next_batch, steps, lr)
@@ -332,8 +331,10 @@ def run_smollm2(options: RunOptions) -> tuple[list[dict], dict]:
     val_rows = example.read_split(example.DATA_DIR, "validation")
     train = [encoder.encode(r, i) for i, r in enumerate(train_rows)]
     val = [encoder.encode(r, i) for i, r in enumerate(val_rows[:n_loss])]
-    loss_batches = [to_device(encoder.collate(val[i : i + 25]), device) for i in range(0, len(val), 25)]
-    gen_batches = [to_device(encoder.collate_eval(val[i : min(i + 25, n_gen)]), device) for i in range(0, n_gen, 25)]
+    loss_batches = [send_to_device(encoder.collate(val[i : i + 25]), device) for i in range(0, len(val), 25)]
+    gen_batches = [
+        send_to_device(encoder.collate_eval(val[i : min(i + 25, n_gen)]), device) for i in range(0, n_gen, 25)
+    ]
     runs = [{"method": "untuned", "lr": None, "seed": None, "eval_loss": lm_eval_loss(base, example, loss_batches)}]
     from .suite_decode import stock_prefix_reaches_generate
 
@@ -349,7 +350,7 @@ def run_smollm2(options: RunOptions) -> tuple[list[dict], dict]:
 
                 def next_batch(order: list[int] = order, position: Any = position) -> dict[str, torch.Tensor]:
                     start = next(position) * LM_BATCH % len(order)
-                    return to_device(
+                    return send_to_device(
                         encoder.collate([train[order[(start + j) % len(order)]] for j in range(LM_BATCH)]), device
                     )
 
