@@ -39,8 +39,7 @@ STOCK_PEFT_TYPE = "PREFIX_TUNING"
 PathLike = Union[str, os.PathLike]
 
 
-class AdapterFileError(ValueError):
-    """A saved adapter that cannot be used: missing or corrupt files, wrong type, or inconsistent shapes."""
+from .files.errors import AdapterFileError  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------- reading
