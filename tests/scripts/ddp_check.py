@@ -8,9 +8,10 @@ One launch checks several things, to keep CI fast:
   decoder-only model (Llama) and an encoder-decoder model (T5) with all three sites;
 - configurations where parameters could go unused (``layers_to_transform``, a site of length 0) train under DDP
   without ``find_unused_parameters``;
-- resume: a run resumed from its step-k checkpoint (``peft_prefix_plus.training``) holds, at step 2k, the parameters
-  of the uninterrupted run, with a shuffled seeded dataloader, gradient accumulation, an epoch boundary and prefix
-  dropout (so the RNG state must be restored too).
+- resume: a run resumed from its step-k checkpoint (``peft_prefix_plus.checkpointing``) holds, at step 2k, the
+  parameters of the uninterrupted run, with a shuffled seeded dataloader (``examples/training_utils.py``), gradient
+  accumulation, an epoch boundary, prefix dropout (so the RNG state must be restored too) and a learning-rate schedule
+  prepared with Accelerate (saved as ``scheduler.bin``, loaded with ``weights_only=True``).
 
 Usage: ``accelerate launch ... tests/scripts/ddp_check.py OUT.json WORK_DIR``
 """
@@ -22,20 +23,21 @@ import sys
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import DistributedType
 from peft import get_peft_model
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from conftest import tiny_model  # noqa: E402
+from training_utils import make_dataloader, resume_position  # noqa: E402
 
 from peft_prefix_plus import PrefixPlusConfig  # noqa: E402
-from peft_prefix_plus.training import (  # noqa: E402
+from peft_prefix_plus.checkpointing import (  # noqa: E402
     load_checkpoint,
-    make_dataloader,
     register_adapter_checkpointing,
-    resume_position,
     save_checkpoint,
 )
 
@@ -77,6 +79,7 @@ def run_accelerate(
     checkpoint_at=None,
     resume_from=None,
     workdir=None,
+    schedule_steps=None,
 ) -> torch.Tensor:
     """Train with Accelerate (DDP when launched with 2 processes); return this rank's adapter parameters."""
     accelerator.free_memory()
@@ -87,6 +90,12 @@ def run_accelerate(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     loader = make_dataloader(rows, PER_RANK_BATCH, shuffle=shuffle, seed=7)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = None
+    if schedule_steps:
+        # a prepared scheduler steps once per process at each optimizer step: lengths are given in those units
+        world = accelerator.num_processes
+        scheduler = transformers.get_linear_schedule_with_warmup(optimizer, 2 * world, schedule_steps * world)
+        scheduler = accelerator.prepare(scheduler)
     assert accelerator.num_processes == 1 or isinstance(model, DistributedDataParallel), type(model)
     step = 0
     if resume_from is not None:
@@ -101,6 +110,8 @@ def run_accelerate(
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 step += 1
@@ -172,13 +183,23 @@ def main() -> None:
     kwargs = {"num_virtual_tokens": 4, "prefix_dropout": 0.2}
     rows = make_rows("CAUSAL_LM", 16, seed=3)
     torch.manual_seed(123)
-    straight = run_accelerate(accelerator, "llama", kwargs, 2, 6, rows, shuffle=True, checkpoint_at=3, workdir=workdir)
+    straight = run_accelerate(
+        accelerator, "llama", kwargs, 2, 6, rows, shuffle=True, checkpoint_at=3, workdir=workdir, schedule_steps=6
+    )
     torch.manual_seed(999)  # a different RNG state before resuming: the checkpoint must restore it
     resumed = run_accelerate(
-        accelerator, "llama", kwargs, 2, 6, rows, shuffle=True, resume_from=workdir / "checkpoints" / "checkpoint-3"
+        accelerator,
+        "llama",
+        kwargs,
+        2,
+        6,
+        rows,
+        shuffle=True,
+        resume_from=workdir / "checkpoints" / "checkpoint-3",
+        schedule_steps=6,
     )
     torch.manual_seed(999)
-    no_resume = run_accelerate(accelerator, "llama", kwargs, 2, 3, rows, shuffle=True)
+    no_resume = run_accelerate(accelerator, "llama", kwargs, 2, 3, rows, shuffle=True, schedule_steps=6)
     result["resume"] = {
         "max_diff": float((straight - resumed).abs().max()),
         "diff_from_3_steps": float((straight - no_resume).abs().max()),

