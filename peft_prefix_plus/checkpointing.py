@@ -392,6 +392,11 @@ def save_checkpoint(
     Returns:
         `Path`: The checkpoint directory.
 
+    Raises:
+        CheckpointError: On every process, if the main process cannot write the checkpoint. The package's writer
+            replaces only adapter directories, so re-saving an existing step needs a model with an adapter named
+            "default" (whose `adapter_config.json` sits at the top of the checkpoint).
+
     Example:
 
     ```py
@@ -403,12 +408,18 @@ def save_checkpoint(
     root = Path(checkpoint_root)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     with contextlib.ExitStack() as stack:
-        tmp: list[Optional[str]] = [None]
+        shared: list[Optional[str]] = [None, None]  # the temporary directory, or why there is none
         if accelerator.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            _remove_leftovers(root)
-            tmp[0] = str(stack.enter_context(atomic_directory(final, overwrite=True)))
-        tmp_dir = Path(broadcast_object_list(tmp)[0])
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                _remove_leftovers(root)
+                shared[0] = str(stack.enter_context(atomic_directory(final, overwrite=True)))
+            except (OSError, ValueError) as error:
+                shared[1] = f"Cannot write the checkpoint {final}: {error}"
+        tmp, problem = broadcast_object_list(shared)  # every process fails alike rather than waiting forever
+        if problem is not None:
+            raise CheckpointError(problem)
+        tmp_dir = Path(tmp)
         accelerator.save_state(str(tmp_dir))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:

