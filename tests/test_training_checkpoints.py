@@ -232,3 +232,12 @@ def test_a_half_deleted_checkpoint_is_not_listed_and_resuming_it_is_a_clear_erro
         resolve_checkpoint(tmp_path, broken)
     with pytest.raises(CheckpointError, match=r"not a complete checkpoint \(missing optimizer.bin\)"):
         load_checkpoint(make_run()[0], broken)
+
+
+def test_a_step_that_cannot_be_replaced_is_a_clear_error_and_keeps_the_old_checkpoint(tmp_path):
+    accelerator, _, _, _ = make_run({"sft": 3})  # no "default" adapter: nothing marks the folder as an adapter
+    path = save_checkpoint(accelerator, tmp_path, step=1, extra_state={"run": "first"})
+    with pytest.raises(CheckpointError, match="Cannot write the checkpoint .*checkpoint-1.*not a saved adapter"):
+        save_checkpoint(accelerator, tmp_path, step=1, extra_state={"run": "second"})
+    assert list_checkpoints(tmp_path) == [path]
+    assert json.loads((path / "training_state.json").read_text())["run"] == "first"
