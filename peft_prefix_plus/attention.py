@@ -58,20 +58,20 @@ def _base_function(module: nn.Module, implementation: str) -> Callable:
 def _extend_mask(
     mask: Optional[torch.Tensor], length: int, query: torch.Tensor, key: torch.Tensor, causal: bool, boolean: bool
 ) -> Optional[torch.Tensor]:
-    """Add ``length`` "attend" columns in front of ``mask`` (boolean or additive float)."""
+    """Add ``length`` "attend" columns in front of ``mask`` (boolean or additive float).
+
+    A ``None`` mask is given the meaning the wrapped function gives it. Eager attention applies no mask at all, so
+    ``None`` stays ``None``. sdpa (``boolean=True``) applies its own ``is_causal``, which is aligned to the top left
+    and used only for more than one query; the wrapper has already dropped keys past the last query,
+    so here top left and bottom right coincide and the prefix columns go in front of a square causal mask.
+    """
     if mask is None:
         q_len, k_len = query.shape[2], key.shape[2]
-        if not causal or q_len == 1:
+        if not (boolean and causal and q_len > 1):
             return None
-        # sdpa would align `is_causal` to the top left of the longer key; build the bottom-right causal mask over
-        # prefix and keys instead
+        # only the queries' own keys remain (see above), so row i sees the prefix and keys 0..i
         rows = torch.arange(q_len, device=query.device)[:, None] + (length + k_len - q_len)
-        allowed = (torch.arange(length + k_len, device=query.device)[None, :] <= rows)[None, None]
-        if boolean:
-            return allowed
-        return torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
-            ~allowed, torch.finfo(query.dtype).min
-        )
+        return (torch.arange(length + k_len, device=query.device)[None, :] <= rows)[None, None]
     if mask.dtype == torch.bool:
         columns = mask.new_ones((*mask.shape[:-1], length))
     else:
@@ -146,7 +146,16 @@ def _make_prefix_attention(implementation: str) -> Callable:
         prefix_keys = prefix[0].to(device=key.device, dtype=key.dtype)
         prefix_values = prefix[1].to(device=value.device, dtype=value.dtype)
         length = prefix_keys.shape[1]
-        causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+        # the default transformers' sdpa function uses when the call does not say
+        causal = kwargs.get("is_causal")
+        causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+        if attention_mask is None and implementation == "sdpa" and causal and 1 < query.shape[2] < key.shape[2]:
+            # transformers passes no mask with more keys than queries only when sdpa's top-left `is_causal` is exact:
+            # prefill into an empty pre-allocated (static) cache, whose slots past the last query are empty. A mask
+            # aligned to the bottom right would attend to them; drop them, as transformers' sdpa function does.
+            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+            if kwargs.get("position_bias") is not None:
+                kwargs["position_bias"] = kwargs["position_bias"][..., : query.shape[2]]
         # every layer of a forward pass gets the same mask: extend it once
         geometry = (length, query.shape[2], key.shape[2], causal, implementation)
         found, extended = layer.memo(attention_mask, geometry)
