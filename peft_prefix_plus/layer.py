@@ -244,9 +244,14 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
             return 0
         return sum(encoder.shape[3] for encoder in self._active_encoders(site))
 
-    def clear(self) -> None:
-        """Drop the prefixes of the last forward pass (and the autograd graph they hold)."""
-        self._prefixes.clear()
+    def clear(self, sites: Optional[tuple[str, ...]] = None) -> None:
+        """Drop the prefixes of the last forward pass (and the autograd graph they hold) and the extended masks.
+
+        Args:
+            sites (`tuple[str, ...]`, *optional*): Drop only these sites' prefixes; `None` drops all.
+        """
+        for site in list(self._prefixes) if sites is None else sites:
+            self._prefixes.pop(site, None)
         self._masks.clear()
 
     def begin_pass(self) -> None:

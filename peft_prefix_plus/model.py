@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -23,6 +25,44 @@ from .config import PrefixPlusConfig
 from .layer import PrefixPlusLayer
 
 LAYER_ATTR = "prefix_plus_layer"
+
+
+@dataclass
+class _StackState:
+    """What the hooks of one attention stack (a decoder, an encoder) know between passes."""
+
+    sites: tuple[str, ...]
+    offsets_positions: bool
+    # during cached decoding: the cache whose steps reuse the prefixes, and the adapter state they were computed for
+    owner: Optional[weakref.ref] = None
+    active: Optional[tuple] = None
+
+
+def _attention_stacks(model: nn.Module, sites: dict[str, AttentionSite]) -> list[tuple[nn.Module, tuple[str, ...]]]:
+    """The modules that run each site's attention layers, and the sites each one runs.
+
+    A site's stack is the owner of the outermost `nn.ModuleList` that holds all its attention modules (a Llama's
+    `model`, T5's `encoder` and `decoder`, BART's `model.decoder`): every call that runs those layers, from the
+    top-level model or from the backbone, passes through it exactly once. A model without such a list falls back to
+    the top-level model.
+    """
+    paths = {id(module): name for name, module in model.named_modules()}
+    stacks: dict[int, tuple[nn.Module, list[str]]] = {}
+    for site in ("self", "cross", "encoder"):
+        if site not in sites:
+            continue
+        names = [paths[id(module)] for module in sites[site].modules]
+        stack, stack_name = model, ""
+        parts = names[0].split(".")
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth])
+            if isinstance(model.get_submodule(prefix), nn.ModuleList):
+                if all(name.startswith(prefix + ".") for name in names):
+                    stack_name = ".".join(parts[: depth - 1])
+                    stack = model.get_submodule(stack_name) if stack_name else model
+                break
+        stacks.setdefault(id(stack), (stack, []))[1].append(site)
+    return [(stack, tuple(found)) for stack, found in stacks.values()]
 
 
 class PrefixPlusModel(BaseTuner):
@@ -51,8 +91,6 @@ class PrefixPlusModel(BaseTuner):
     """
 
     prefix: str = "prefix_plus_"
-    _prefixes_owner: Optional[weakref.ref] = None
-    _prefixes_state: Optional[tuple] = None
     tuner_layer_cls = PrefixPlusLayer
     target_module_mapping: dict[str, list[str]] = {}
     uses_shared_state = True
@@ -109,8 +147,15 @@ class PrefixPlusModel(BaseTuner):
                 f"PrefixPlus supports attn_implementation 'eager' and 'sdpa'; the model uses {sorted(unsupported)}. "
                 "Load the model with attn_implementation='sdpa' (or 'eager')."
             )
-        self._accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
-        return discover_attention_sites(model)
+        sites = discover_attention_sites(model)
+        self._stack_sites = _attention_stacks(model, sites)
+        # real tokens' positions are shifted where the decoder-only stack takes them
+        self._accepts_position_ids = any(
+            "position_ids" in inspect.signature(stack.forward).parameters
+            for stack, stack_sites in self._stack_sites
+            if "self" in stack_sites
+        )
+        return sites
 
     def _install(self, model: nn.Module, sites: dict[str, AttentionSite]) -> None:
         """Switch the attention implementation, route the attention modules and add the hooks (once per model)."""
@@ -130,18 +175,19 @@ class PrefixPlusModel(BaseTuner):
         set_attention_implementation(model, {key: WRAPPED_IMPLEMENTATIONS[impl] for key, impl in saved.items()})
         self._saved_attn_implementations = saved
         self._sites = sites
-        self._hooks = [
-            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            model.register_forward_hook(self._after_forward),
-        ]
-        self._top_sites = tuple(s for s in ("self", "cross") if s in sites)
-        if "encoder" in sites:
-            encoder = model.get_encoder()
-            inside = {id(m) for m in encoder.modules()}
-            if all(id(m) in inside for m in sites["encoder"].modules):
-                self._hooks.append(encoder.register_forward_pre_hook(self._before_encoder_forward))
-            else:  # the encoder is not a separate module: compute its prefixes with the others
-                self._top_sites += ("encoder",)
+        # Prefixes are computed where every entry point passes: on each attention stack (the decoder, the encoder),
+        # so calling the backbone or the encoder directly sees them too. Sites of one stack are computed together.
+        self._stacks = []
+        self._hooks = []
+        for stack, stack_sites in self._stack_sites:
+            state = _StackState(
+                sites=stack_sites, offsets_positions="self" in stack_sites and not self._is_encoder_decoder
+            )
+            self._stacks.append((stack, state))
+            self._hooks += [
+                stack.register_forward_pre_hook(partial(self._before_stack, state), with_kwargs=True),
+                stack.register_forward_hook(partial(self._after_stack, state)),
+            ]
         # modules carrying transformers' `gradient_checkpointing` flag, read before every forward pass
         self._checkpointing_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
@@ -207,7 +253,8 @@ class PrefixPlusModel(BaseTuner):
     def _layer(self) -> PrefixPlusLayer:
         return getattr(self.model, LAYER_ATTR)
 
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _before_stack(self, state: _StackState, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Compute the prefixes of the sites of one attention stack for the pass that is starting."""
         layer = self._layer
         layer.checkpointing = module.training and any(
             getattr(m, "gradient_checkpointing", False) is True for m in self._checkpointing_modules
@@ -217,30 +264,26 @@ class PrefixPlusModel(BaseTuner):
         # During cached decoding the parameters cannot change between steps (no gradients are being computed), so
         # the prefixes of the first step of a `generate` call are reused until its cache object is done with.
         decoding = cache is not None and not torch.is_grad_enabled()
-        owner = self._prefixes_owner() if self._prefixes_owner is not None else None
-        state = (tuple(layer.active_adapters), layer.disable_adapters)
-        if not (decoding and owner is cache and state == self._prefixes_state):
-            layer.refresh(self._top_sites)
-            self._prefixes_owner = weakref.ref(cache) if decoding else None
-            self._prefixes_state = state
-        if self._uses_position_offset():
+        owner = state.owner() if state.owner is not None else None
+        active = (tuple(layer.active_adapters), layer.disable_adapters)
+        if not (decoding and owner is cache and active == state.active):
+            layer.refresh(state.sites)
+            state.owner = weakref.ref(cache) if decoding else None
+            state.active = active
+        if state.offsets_positions and self._uses_position_offset():
             kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"))
         return args, kwargs
 
-    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _after_stack(self, state: _StackState, module: nn.Module, args: tuple, output: Any) -> None:
         layer = self._layer
         if layer.checkpointing:
             return  # recomputation in the backward pass reads the prefixes and masks again
-        if self._prefixes_owner is None:
+        if state.owner is None:
             # The autograd graph keeps what the backward pass needs; holding the prefixes and the extended masks until
             # the next pass would only add them to the step's peak memory.
-            layer.clear()
+            layer.clear(state.sites)
         else:
             layer.begin_pass()  # cached decoding: keep the prefixes for the next step
-
-    def _before_encoder_forward(self, module: nn.Module, args: tuple) -> None:
-        self._layer.begin_pass()
-        self._layer.refresh(("encoder",))
 
     def _uses_position_offset(self) -> bool:
         layer = self._layer
