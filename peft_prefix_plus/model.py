@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -265,14 +266,72 @@ class PrefixPlusModel(BaseTuner):
         # the prefixes of the first step of a `generate` call are reused until its cache object is done with.
         decoding = cache is not None and not torch.is_grad_enabled()
         owner = state.owner() if state.owner is not None else None
-        active = (tuple(layer.active_adapters), layer.disable_adapters)
+        rows = self._rows_of(args, kwargs)
+        active = (tuple(layer.active_adapters), layer.disable_adapters, None if rows is None else tuple(rows))
         if not (decoding and owner is cache and active == state.active):
-            layer.refresh(state.sites)
+            layer.refresh(state.sites, rows)
             state.owner = weakref.ref(cache) if decoding else None
             state.active = active
-        if state.offsets_positions and self._uses_position_offset():
-            kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"))
+        if state.offsets_positions and not layer.disable_adapters:
+            if rows is not None:
+                offsets = [layer.adapter_length(name, "self") if self._offsets(name) else 0 for name in rows]
+                if any(offsets):
+                    kwargs = self._offset_position_ids(args, kwargs, torch.tensor(offsets)[:, None])
+            elif self._uses_position_offset():
+                kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"))
         return args, kwargs
+
+    def _rows_of(self, args: tuple, kwargs: dict) -> Optional[list[str]]:
+        """The adapter of each input row while a call with ``adapter_names`` runs, expanded as `generate` expands
+        the batch (beams, ``num_return_sequences``: each row repeated in place)."""
+        names = self._layer.row_adapters
+        if names is None:
+            return None
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            return names
+        batch = tokens.shape[0]
+        if batch % len(names):
+            raise ValueError(
+                f"`adapter_names` has {len(names)} entries, but the batch has {batch} rows; pass one adapter name "
+                "per input row."
+            )
+        return [name for name in names for _ in range(batch // len(names))]
+
+    def _offsets(self, adapter_name: str) -> bool:
+        return adapter_name in self.peft_config and self.peft_config[adapter_name].offset_position_ids
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Serve a batch that mixes adapters: ``adapter_names`` gives one adapter per input row, as for LoRA.
+
+        Each row attends to its own adapter's prefix (``"__base__"``: none); adapters of different lengths are
+        padded with prefix columns that no query attends to. PEFT calls this around `forward` and `generate`.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call `model.eval()`.")
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise TypeError(f"`adapter_names` must be a list of adapter names, one per row; got {adapter_names!r}.")
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - set(self.peft_config))
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Loaded adapters: "
+                f"{sorted(self.peft_config)}; use '__base__' for rows that should get no prefix."
+            )
+        if not adapter_names:
+            raise ValueError("`adapter_names` is empty; pass one adapter name per input row.")
+        layer = self._layer
+        layer.row_adapters = list(adapter_names)
+        try:
+            yield
+        finally:
+            layer.row_adapters = None
 
     def _after_stack(self, state: _StackState, module: nn.Module, args: tuple, output: Any) -> None:
         layer = self._layer
@@ -292,9 +351,10 @@ class PrefixPlusModel(BaseTuner):
         )
 
     @staticmethod
-    def _offset_position_ids(args: tuple, kwargs: dict, length: int) -> dict:
-        """Shift real tokens' position ids by the prefix length, as stock PEFT's past_key_values route does."""
-        if not length:
+    def _offset_position_ids(args: tuple, kwargs: dict, length: Union[int, torch.Tensor]) -> dict:
+        """Shift real tokens' position ids by the prefix length (per row: a ``(batch, 1)`` tensor), as stock PEFT's
+        past_key_values route does."""
+        if isinstance(length, int) and not length:
             return kwargs
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
@@ -304,6 +364,8 @@ class PrefixPlusModel(BaseTuner):
             cache = _cache_argument(kwargs)
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + tokens.shape[1], device=tokens.device).unsqueeze(0)
+        if isinstance(length, torch.Tensor):
+            length = length.to(position_ids.device)
         return {**kwargs, "position_ids": position_ids + length}
 
     # ------------------------------------------------------------------ adapter management

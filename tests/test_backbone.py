@@ -77,7 +77,7 @@ def test_prefixes_are_computed_once_per_stack_and_pass(monkeypatch):
     layer = model.base_model.model.prefix_plus_layer
     calls = []
     original = layer.refresh
-    monkeypatch.setattr(layer, "refresh", lambda sites: calls.append(tuple(sites)) or original(sites))
+    monkeypatch.setattr(layer, "refresh", lambda sites, rows=None: calls.append(tuple(sites)) or original(sites, rows))
     batch = batch_for(task)
     model(**batch)
     assert sorted(calls) == [("encoder",), ("self", "cross")]
