@@ -27,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 #: Attention implementations PrefixPlus can wrap, and the name of the wrapper registered for each.
 WRAPPED_IMPLEMENTATIONS = {"eager": "prefix_plus_eager", "sdpa": "prefix_plus_sdpa"}
+UNWRAPPED_IMPLEMENTATIONS = {wrapper: name for name, wrapper in WRAPPED_IMPLEMENTATIONS.items()}
 _PROBE = "prefix_plus_probe"
 _ROUTE_ATTR = "_prefix_plus_route"
 
@@ -229,6 +230,30 @@ def model_configs(model: nn.Module) -> list[Any]:
         if config is not None and hasattr(config, "_attn_implementation"):
             configs.setdefault(id(config), config)
     return list(configs.values())
+
+
+def wrap_attention_implementation(config: Any) -> None:
+    """Switch one config to the PrefixPlus wrapper of its attention implementation.
+
+    Raises:
+        ValueError: If the implementation is neither eager, sdpa nor already wrapped.
+    """
+    implementation = config._attn_implementation
+    if implementation in UNWRAPPED_IMPLEMENTATIONS:
+        return
+    if implementation not in WRAPPED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"The model's attention implementation is {implementation!r}; PrefixPlus supports 'eager' and 'sdpa'. "
+            "Switch with `model.set_attn_implementation('sdpa')` (or 'eager')."
+        )
+    config._attn_implementation = WRAPPED_IMPLEMENTATIONS[implementation]
+
+
+def unwrap_attention_implementations(model: nn.Module) -> None:
+    """Give every config of ``model`` back the attention implementation its PrefixPlus wrapper stands for."""
+    for config in model_configs(model):
+        if config._attn_implementation in UNWRAPPED_IMPLEMENTATIONS:
+            config._attn_implementation = UNWRAPPED_IMPLEMENTATIONS[config._attn_implementation]
 
 
 def set_attention_implementation(model: nn.Module, implementations: dict[int, str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -10,6 +11,12 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .config import PrefixPlusConfig
+
+MERGE_INTO_WEIGHTS_MESSAGE = (
+    "PrefixPlus prefixes cannot be merged into the base model's weights: a prefix adds key/value columns to every "
+    "attention call, which no weight matrix can express. Use `merge_mlp()` to replace the prefix MLP by the raw "
+    "prefixes it produces (exact, and the usual step before deployment), or `unload()` to get the base model back."
+)
 
 
 def build_mlp(token_dim: int, hidden_size: int, depth: int, activation: str, out_features: int) -> nn.Sequential:
@@ -55,6 +62,34 @@ def site_layout(flat: torch.Tensor, shape: tuple[int, int, int, int, int]) -> to
     """
     num_layers, _, heads, length, head_dim = shape
     return flat.view(length, num_layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4)
+
+
+def tensor_mismatches(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> list[str]:
+    """What differs between the tensors a config calls for and those saved: missing, unexpected, other shapes.
+
+    Args:
+        expected (`dict[str, tuple]`): Name to shape, from the encoders the config builds.
+        found (`dict[str, tuple]`): Name to shape, as saved.
+
+    Example:
+
+    ```py
+    >>> tensor_mismatches({"self.prefix": (2, 2, 2, 4, 8)}, {"self.prefix": (2, 2, 2, 5, 8)})
+    ['self.prefix has shape (2, 2, 2, 5, 8), the config calls for (2, 2, 2, 4, 8)']
+    ```
+    """
+    problems = []
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing {missing}")
+    if unexpected:
+        problems.append(f"not called for by the config {unexpected}")
+    problems += [
+        f"{name} has shape {found[name]}, the config calls for {shape}"
+        for name, shape in expected.items()
+        if name in found and tuple(found[name]) != tuple(shape)
+    ]
+    return problems
 
 
 class PrefixSiteEncoder(nn.Module):
@@ -151,6 +186,12 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         # device of the attention layers of each site, where its prefix encoders live
         self.site_devices: dict[str, torch.device] = {}
 
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise NotImplementedError(MERGE_INTO_WEIGHTS_MESSAGE)
+
+    def unmerge(self) -> None:
+        """Nothing to do: prefixes are never merged into weights."""
+
     def update_layer(
         self,
         adapter_name: str,
@@ -176,6 +217,40 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
             )
         self.prefix_plus_sites[adapter_name] = sites
         self._move_adapter_to_device_of_base_layer(adapter_name)
+
+    def check_saved_weights(self, adapter_name: str, found: dict[str, torch.Tensor]) -> None:
+        """Refuse saved weights that do not match the adapter's config; warn about NaN/Inf. Called by PEFT's loading.
+
+        PEFT loads an adapter with ``strict=False`` and only warns about missing keys, so a hand-edited
+        `adapter_config.json` (another `mlp_depth`, `prefix_projection`, length or site) would load as a randomly
+        initialised adapter. The weights are compared with the real encoders the config built.
+
+        Args:
+            adapter_name (`str`): The adapter being loaded.
+            found (`dict[str, torch.Tensor]`): Its saved PrefixPlus tensors, keyed ``<site>.<parameter>``.
+
+        Raises:
+            ValueError: Naming every missing, unexpected, reshaped or non-floating-point tensor.
+        """
+        expected = {name: tuple(t.shape) for name, t in self.prefix_plus_sites[adapter_name].state_dict().items()}
+        problems = tensor_mismatches(expected, {name: tuple(t.shape) for name, t in found.items()})
+        problems += [f"{name} has dtype {t.dtype}" for name, t in found.items() if not t.is_floating_point()]
+        if problems:
+            raise ValueError(
+                f"The saved weights of PrefixPlus adapter {adapter_name!r} do not match its config: "
+                f"{'; '.join(problems)}. The adapter_config.json does not describe these weights (edited by hand, or "
+                "copied from another adapter); restore the config that was saved with them."
+            )
+        for name, tensor in found.items():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                warnings.warn(
+                    f"PrefixPlus adapter {adapter_name!r}: {name} holds {bad} non-finite value(s) (NaN/Inf), so the "
+                    "model's outputs will be NaN. The adapter file is corrupt or training diverged; "
+                    "`prefix-plus inspect` shows where.",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move the prefix encoders of ``adapter_name`` to the device of their site's attention layers."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,11 +20,12 @@ from .attention import (
     discover_attention_sites,
     model_configs,
     register_attention_functions,
-    set_attention_implementation,
     set_route,
+    unwrap_attention_implementations,
+    wrap_attention_implementation,
 )
 from .config import PrefixPlusConfig
-from .layer import PrefixPlusLayer
+from .layer import MERGE_INTO_WEIGHTS_MESSAGE, PrefixPlusLayer
 
 LAYER_ATTR = "prefix_plus_layer"
 
@@ -142,6 +144,12 @@ class PrefixPlusModel(BaseTuner):
             raise ValueError(f"PrefixPlus needs a transformers model (PreTrainedModel), got {type(model).__name__}.")
         self._is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         implementations = {c._attn_implementation for c in model_configs(model)}
+        if hasattr(model, LAYER_ATTR) or implementations & set(WRAPPED_IMPLEMENTATIONS.values()):
+            raise ValueError(
+                f"This {type(model).__name__} already carries PrefixPlus adapters: it was passed to `get_peft_model` "
+                "before (its attention is now PrefixPlus's). Add another adapter with "
+                "`peft_model.add_adapter(name, config)`, or call `peft_model.unload()` first to get the base model back."
+            )
         unsupported = implementations - set(WRAPPED_IMPLEMENTATIONS)
         if unsupported:
             raise ValueError(
@@ -172,9 +180,11 @@ class PrefixPlusModel(BaseTuner):
             parameter = next(found.modules[0].parameters(), None)
             if parameter is not None:
                 layer.site_devices[site] = parameter.device
-        saved = {id(c): c._attn_implementation for c in model_configs(model)}
-        set_attention_implementation(model, {key: WRAPPED_IMPLEMENTATIONS[impl] for key, impl in saved.items()})
-        self._saved_attn_implementations = saved
+        # every config of the model (T5's encoder and decoder hold copies), checked before each pass: a later
+        # `model.set_attn_implementation("eager")` must not silently drop the prefix
+        self._configs = model_configs(model)
+        for config in self._configs:
+            wrap_attention_implementation(config)
         self._sites = sites
         # Prefixes are computed where every entry point passes: on each attention stack (the decoder, the encoder),
         # so calling the backbone or the encoder directly sees them too. Sites of one stack are computed together.
@@ -207,6 +217,26 @@ class PrefixPlusModel(BaseTuner):
             raise ValueError(
                 f"`offset_position_ids=True` is supported for decoder-only models only; {model_type!r} is an "
                 "encoder-decoder model. Leave it as False."
+            )
+        causal_lm = {"CAUSAL_LM": False, "SEQ_2_SEQ_LM": True}
+        if config.task_type in causal_lm and causal_lm[config.task_type] != self._is_encoder_decoder:
+            expected = "SEQ_2_SEQ_LM" if self._is_encoder_decoder else "CAUSAL_LM"
+            kind = "an encoder-decoder" if self._is_encoder_decoder else "a decoder-only"
+            raise ValueError(
+                f"`task_type={config.task_type!r}` does not fit {model_type!r}, which is {kind} model; use "
+                f"`task_type={expected!r}`."
+            )
+        if config.offset_position_ids and not any(getattr(m, "is_causal", True) for m in sites["self"].modules):
+            raise ValueError(
+                f"`offset_position_ids=True` is supported for decoder-only models only; {model_type!r} is an "
+                "encoder-only model (its self-attention is not causal). Leave it as False."
+            )
+        if not any(length for site, length in lengths.items() if site in sites):
+            warnings.warn(
+                f"Every prefix length of this PrefixPlus adapter is 0 ({lengths}): it has nothing to train and "
+                "leaves the model unchanged. Set `num_virtual_tokens` (and the encoder/cross lengths) above 0.",
+                UserWarning,
+                stacklevel=2,
             )
         if config.offset_position_ids and not self._accepts_position_ids:
             raise ValueError(
@@ -256,6 +286,8 @@ class PrefixPlusModel(BaseTuner):
 
     def _before_stack(self, state: _StackState, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Compute the prefixes of the sites of one attention stack for the pass that is starting."""
+        for config in self._configs:
+            wrap_attention_implementation(config)  # a no-op unless the implementation was switched since
         layer = self._layer
         layer.checkpointing = module.training and any(
             getattr(m, "gradient_checkpointing", False) is True for m in self._checkpointing_modules
@@ -420,11 +452,11 @@ class PrefixPlusModel(BaseTuner):
         layer.delete_adapter(adapter_name)
         self.active_adapter = layer.active_adapters[:]
 
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(MERGE_INTO_WEIGHTS_MESSAGE)
+
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        raise ValueError(
-            "Prefixes cannot be merged into the base model's weights. Use `unload()` to get the base model back, "
-            "or `merge_mlp()` to replace the prefix MLP by the raw prefixes it produces."
-        )
+        raise ValueError(MERGE_INTO_WEIGHTS_MESSAGE)
 
     def unload(self) -> nn.Module:
         """Remove PrefixPlus from the model and return the base model, which computes exactly as before."""
@@ -435,13 +467,27 @@ class PrefixPlusModel(BaseTuner):
             for found in self._sites.values():
                 for module in found.modules:
                     set_route(module, None)
-            set_attention_implementation(model, self._saved_attn_implementations)
+            unwrap_attention_implementations(model)
         if hasattr(model, LAYER_ATTR):
             delattr(model, LAYER_ATTR)
         if hasattr(model, "peft_config"):
             del model.peft_config
         self._sites = None
         return model
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PrefixPlusConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's key remapping at load, preceded by the check that the saved tensors match the adapter's config."""
+        layer = next((m for m in model.modules() if isinstance(m, PrefixPlusLayer)), None)
+        if layer is not None and adapter_name in layer.prefix_plus_sites:
+            marker = f"{LAYER_ATTR}.prefix_plus_sites."
+            found = {key.split(marker, 1)[1]: t for key, t in state_dict.items() if marker in key}
+            layer.check_saved_weights(adapter_name, found)
+        return super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
