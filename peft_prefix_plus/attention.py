@@ -164,6 +164,8 @@ def _make_prefix_attention(implementation: str) -> Callable:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         route = getattr(module, _ROUTE_ATTR, None)
+        if route is not None and route[0].capture is not None:  # text initialisation records the states
+            route[0].capture[(route[1], route[2])] = (key, value)
         prefix = None if route is None else route[0].prefix_for(route[1], route[2])
         if prefix is None:
             return _base_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)

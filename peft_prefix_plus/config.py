@@ -17,7 +17,7 @@ _add_peft_type_member(PEFT_TYPE_NAME)
 #: The attention sites a PrefixPlus adapter can reach. ``"self"`` is the self-attention of a decoder-only or
 #: encoder-only model, and the decoder self-attention of an encoder-decoder model.
 SITES: tuple[str, ...] = ("self", "encoder", "cross")
-INIT_WEIGHTS = ("random", "zero")
+INIT_WEIGHTS = ("random", "zero", "text")
 
 
 @dataclass
@@ -45,9 +45,16 @@ class PrefixPlusConfig(PeftConfig):
             stack (encoder or decoder). `None` means all layers.
         offset_position_ids (`bool`): If `True`, the position ids of real tokens start at the prefix length, as in
             stock PEFT prefix tuning (needed for identical outputs). Decoder-only models only.
-        init_weights (`str`): `"random"` or `"zero"`. `"zero"` makes the initial prefixes zero: with a projection
-            the last MLP layer starts at zero, otherwise the raw prefixes do. Note that zero keys still receive
-            attention, so a zero prefix is not an identity.
+        init_weights (`str`): `"random"`, `"zero"` or `"text"`. `"zero"` makes the initial prefixes zero: with a
+            projection the last MLP layer starts at zero, otherwise the raw prefixes do. Note that zero keys still
+            receive attention, so a zero prefix is not an identity. `"text"` (Li & Liang's initialisation from real
+            words) runs the base model once on `init_text` and makes the keys and values every attention layer
+            computes for it the initial prefixes, at every site; with a projection they are kept as a fixed
+            `prefix_init` buffer that the MLP, whose last layer starts at zero, learns to correct.
+        init_text (`str`, *optional*): The text for `init_weights="text"`. Its tokens are repeated cyclically, or
+            truncated, to the configured prefix length.
+        tokenizer_name_or_path (`str`, *optional*): The tokenizer for `init_text`; `None` means the base model's
+            `name_or_path`.
         site_shapes (`dict`, *optional*): Filled in by PrefixPlus when the adapter is created: for each site, the
             number of layers, key/value heads and head dimension of the model. Used to check that an adapter is
             loaded onto a matching model and to merge or inspect an adapter without the model.
@@ -107,8 +114,22 @@ class PrefixPlusConfig(PeftConfig):
         default=False,
         metadata={"help": "Real tokens' position ids start at the prefix length, as in stock PEFT (decoder-only)."},
     )
-    init_weights: Literal["random", "zero"] = field(
-        default="random", metadata={"help": 'Initialisation of the prefixes: "random" or "zero".'}
+    init_weights: Literal["random", "zero", "text"] = field(
+        default="random",
+        metadata={
+            "help": 'Initialisation of the prefixes: "random", "zero", or "text" (the key/value states of the base '
+            "model on `init_text`)."
+        },
+    )
+    init_text: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": 'Text for init_weights="text"; its tokens are repeated cyclically or truncated to the prefix length.'
+        },
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tokenizer for init_text; None means the base model's name_or_path."},
     )
     site_shapes: Optional[dict[str, dict[str, int]]] = field(
         default=None,
@@ -156,6 +177,15 @@ class PrefixPlusConfig(PeftConfig):
             raise ValueError(f"`prefix_dropout` must be a number in [0, 1), got {dropout!r}.")
         if not isinstance(self.init_weights, str) or self.init_weights not in INIT_WEIGHTS:
             raise ValueError(f"`init_weights` must be one of {INIT_WEIGHTS}, got {self.init_weights!r}.")
+        if self.init_weights == "text":
+            if not isinstance(self.init_text, str) or not self.init_text.strip():
+                raise ValueError('`init_weights="text"` needs `init_text`, a non-empty string to initialise from.')
+        elif self.init_text is not None:
+            raise ValueError(
+                f'`init_text` is only used with `init_weights="text"`, got init_weights={self.init_weights!r}.'
+            )
+        if self.tokenizer_name_or_path is not None and not isinstance(self.tokenizer_name_or_path, str):
+            raise ValueError(f"`tokenizer_name_or_path` must be a string, got {self.tokenizer_name_or_path!r}.")
         if self.layers_to_transform is not None:
             if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
                 self.layers_to_transform = [self.layers_to_transform]

@@ -133,9 +133,12 @@ class PrefixSiteEncoder(nn.Module):
             self.embedding = nn.Embedding(num_virtual_tokens, config.token_dim)
             hidden = config.mlp_hidden_size or config.token_dim
             self.mlp = build_mlp(config.token_dim, hidden, config.mlp_depth, config.mlp_activation, out_features)
-            if config.init_weights == "zero":
+            if config.init_weights in ("zero", "text"):
                 nn.init.zeros_(self.mlp[-1].weight)
                 nn.init.zeros_(self.mlp[-1].bias)
+            if config.init_weights == "text":
+                # the MLP learns a correction to the prefix captured from the text, which is saved with the adapter
+                self.register_buffer("prefix_init", torch.zeros(self.shape))
         else:
             self.prefix = nn.Parameter(torch.empty(self.shape))
             if config.init_weights == "zero":
@@ -152,7 +155,19 @@ class PrefixSiteEncoder(nn.Module):
         """Run the MLP (or return the raw prefix), without dropout."""
         if not self.is_projected:
             return self.prefix
-        return site_layout(self.mlp(self.embedding.weight), self.shape)
+        out = site_layout(self.mlp(self.embedding.weight), self.shape)
+        return out + self.prefix_init if hasattr(self, "prefix_init") else out
+
+    @torch.no_grad()
+    def set_initial_prefix(self, prefix: torch.Tensor) -> None:
+        """Make ``prefix`` (in the site layout) the prefix this encoder produces now: the raw prefix itself, or the
+        fixed part of an MLP whose last layer is zero (text initialisation).
+
+        Args:
+            prefix (`torch.Tensor`): Shape ``(num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``.
+        """
+        target = self.prefix_init if self.is_projected else self.prefix
+        target.copy_(prefix.to(device=target.device, dtype=target.dtype))
 
     def forward(self) -> torch.Tensor:
         return self.dropout(self.project())
@@ -177,6 +192,8 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         self._prefixes: dict[str, list[tuple[dict[int, int], list[tuple[torch.Tensor, ...]]]]] = {}
         # site -> layer index -> (keys, values, columns) for a batch that mixes adapters, valid for the current pass
         self._row_prefixes: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        # (site, layer index) -> (keys, values) while text initialisation runs the base model
+        self.capture: Optional[dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]] = None
         # one adapter name per input row while a call with `adapter_names` runs (see PrefixPlusModel)
         self.row_adapters: Optional[list[str]] = None
         # set by PrefixPlusModel when the model uses activation checkpointing

@@ -26,6 +26,7 @@ from .attention import (
 )
 from .config import PrefixPlusConfig
 from .layer import MERGE_INTO_WEIGHTS_MESSAGE, PrefixPlusLayer
+from .text_init import initialise_from_text
 
 LAYER_ATTR = "prefix_plus_layer"
 
@@ -124,6 +125,9 @@ class PrefixPlusModel(BaseTuner):
         }
         layer: PrefixPlusLayer = getattr(model, LAYER_ATTR)
         layer.update_layer(adapter_name, config, lengths, site_layers)
+        # as PEFT's prompt tuning does, skip the text pass when loading for inference: the saved prefixes replace it
+        if config.init_weights == "text" and not (config.inference_mode or low_cpu_mem_usage or config.merged_from):
+            initialise_from_text(model, layer, adapter_name, config)
         super().inject_adapter(
             model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
         )
