@@ -5,8 +5,8 @@ prefixes, a configurable MLP and exact merging.
 ``PeftModel.from_pretrained`` and the ``AutoPeftModel*`` classes accept PrefixPlus adapters.
 """
 
-from .adapter_files import AdapterFileError, export_to_peft, import_from_peft, inspect_adapter, merge_adapter
 from .config import PrefixPlusConfig
+from .files import AdapterFileError, export_to_peft, import_from_peft, inspect_adapter, merge_adapter
 from .hub import HubPushError, install_peft_hooks, push_adapter
 from .layer import PrefixPlusLayer, PrefixSiteEncoder
 from .model import PrefixPlusModel

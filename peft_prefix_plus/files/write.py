@@ -17,7 +17,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Optional, Union
 
-from peft.utils import CONFIG_NAME
+import torch
+from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import save_file
 
 from .errors import AdapterFileError
 
@@ -206,3 +209,26 @@ def atomic_directory(dst: PathLike, *, overwrite: bool = False, sources: Iterabl
                 f"Cannot write the destination {dst}: {error.strerror}. Choose a writable location."
             ) from error
         raise
+
+
+def write_adapter_files(directory: Path, config: PeftConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Write an adapter's config and safetensors weights into ``directory``, as `save_pretrained` does.
+
+    Args:
+        directory (`Path`): The (temporary) directory being written, e.g. from :func:`atomic_directory`.
+        config (`PeftConfig`): The adapter config; written with its own ``save_pretrained``.
+        tensors (`dict[str, torch.Tensor]`): The tensors, keyed as PEFT saves them.
+
+    Example:
+
+    ```py
+    >>> with atomic_directory("merged") as tmp:
+    ...     write_adapter_files(tmp, config, tensors)
+    ```
+    """
+    config.save_pretrained(str(directory))
+    save_file(
+        {key: tensor.contiguous() for key, tensor in tensors.items()},
+        str(directory / SAFETENSORS_WEIGHTS_NAME),
+        metadata={"format": "pt"},
+    )
