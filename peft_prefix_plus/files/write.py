@@ -107,7 +107,18 @@ def check_destination(
 
 
 def _identity(path: Path) -> Optional[tuple[int, int]]:
-    """``(device, inode)`` of ``path``, or ``None`` when it does not exist."""
+    """``(device, inode)`` of ``path``, or ``None`` when it does not exist: tells whether another writer replaced it.
+
+    Args:
+        path (`Path`): A path (a symbolic link is not followed).
+
+    Example:
+
+    ```py
+    >>> _identity(Path("missing")) is None
+    True
+    ```
+    """
     try:
         stat = path.stat(follow_symlinks=False)
     except FileNotFoundError:
@@ -117,7 +128,18 @@ def _identity(path: Path) -> Optional[tuple[int, int]]:
 
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``directory`` itself (no lock file is created); released on exit."""
+    """Hold an exclusive advisory lock on ``directory`` itself (no lock file is created); released on exit.
+
+    Args:
+        directory (`Path`): The parent of the destination; writers of any destination in it take turns to rename.
+
+    Example:
+
+    ```py
+    >>> with _locked(Path(".")):
+    ...     pass
+    ```
+    """
     if fcntl is None:  # pragma: no cover
         yield
         return
@@ -130,14 +152,35 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def _make_parent(parent: Path) -> list[Path]:
-    """Create ``parent`` and its missing ancestors; return those created, innermost first."""
+    """Create ``parent`` and its missing ancestors; return those created, innermost first (to remove on failure).
+
+    Args:
+        parent (`Path`): The directory to create.
+
+    Example:
+
+    ```py
+    >>> _make_parent(Path("runs/new"))
+    [PosixPath('runs/new'), PosixPath('runs')]
+    ```
+    """
     created = [p for p in (parent, *parent.parents) if not p.exists()]
     parent.mkdir(parents=True, exist_ok=True)
     return created
 
 
 def _concurrent_writer(dst: Path) -> AdapterFileError:
-    """The error a writer gets when another one wrote ``dst`` first."""
+    """The error a writer gets when another one wrote ``dst`` first.
+
+    Args:
+        dst (`Path`): The destination.
+
+    Example:
+
+    ```py
+    >>> raise _concurrent_writer(Path("merged"))
+    ```
+    """
     return AdapterFileError(
         f"The destination {dst} was written by another process while this one ran; nothing was written by this "
         "one. Run it again (with --overwrite to replace the other result)."
@@ -145,7 +188,19 @@ def _concurrent_writer(dst: Path) -> AdapterFileError:
 
 
 def _commit(tmp: Path, dst: Path, expected: Optional[tuple[int, int]]) -> None:
-    """Rename ``tmp`` to ``dst`` (backup-then-rename over an existing one), unless ``dst`` changed meanwhile."""
+    """Rename ``tmp`` to ``dst`` (backup-then-rename over an existing one), unless ``dst`` changed meanwhile.
+
+    Args:
+        tmp (`Path`): The finished temporary directory.
+        dst (`Path`): The destination.
+        expected (`tuple`, *optional*): The identity of ``dst`` when it was checked (`None`: it did not exist).
+
+    Example:
+
+    ```py
+    >>> _commit(tmp, Path("merged"), expected=None)
+    ```
+    """
     if _identity(dst) != expected:
         raise _concurrent_writer(dst)
     if expected is None:
