@@ -331,3 +331,28 @@ def test_modules_to_save_tensors_are_accepted_and_carried_unchanged(tmp_path, ca
         "base_model.score.weight",
     }
     assert json.loads((tmp_path / "stock" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+
+
+@pytest.mark.parametrize(
+    ("key", "modules_to_save", "accepted"),
+    [
+        ("base_model.model.score.weight", ["score"], True),
+        ("base_model.model.classifier.dense.weight", ["classifier"], True),  # a head with submodules
+        ("base_model.model.model.layers.0.input_layernorm.weight", ["norm"], True),  # PEFT matches a name suffix
+        ("base_model.model.lm_head.weight", ["score"], False),
+        ("base_model.model.lm_head.weight", None, False),
+    ],
+)
+def test_reader_accepts_what_peft_saves_for_modules_to_save(key, modules_to_save, accepted, tmp_path):
+    src = save_prefix_plus(tmp_path / "src", "gpt2")
+    tensors = load_file(src / "adapter_model.safetensors")
+    tensors[key] = torch.ones(4)
+    save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["modules_to_save"] = modules_to_save
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    if accepted:
+        assert inspect_adapter(src)["modules_to_save"] == [key]
+    else:
+        with pytest.raises(AdapterFileError, match="neither PrefixPlus tensors nor modules_to_save"):
+            inspect_adapter(src)

@@ -205,6 +205,10 @@ def require_finite(tensors: dict[str, torch.Tensor], where: PathLike, action: st
 def is_modules_to_save_key(key: str, modules_to_save: Any) -> bool:
     """Whether ``key`` is a tensor PEFT saves for ``modules_to_save`` (e.g. a classification head).
 
+    PEFT wraps every module whose name ends with one of the names (a string suffix: ``"norm"`` also wraps
+    ``input_layernorm``) and saves its tensors under the module's name; keys holding ``modules_to_save`` are accepted
+    too.
+
     Args:
         key (`str`): A key of ``adapter_model.safetensors``.
         modules_to_save (`list[str]`, *optional*): The config's ``modules_to_save``.
@@ -212,14 +216,16 @@ def is_modules_to_save_key(key: str, modules_to_save: Any) -> bool:
     Example:
 
     ```py
-    >>> is_modules_to_save_key("base_model.model.classifier.weight", ["classifier"])
+    >>> is_modules_to_save_key("base_model.model.classifier.dense.weight", ["classifier"])
     True
     ```
     """
-    if "modules_to_save" in key.split("."):
+    parts = key.split(".")
+    if "modules_to_save" in parts:
         return True
-    names = modules_to_save if isinstance(modules_to_save, (list, tuple)) else ()
-    return any(isinstance(name, str) and f".{name}." in f".{key}." for name in names)
+    names = [name for name in modules_to_save if isinstance(name, str)] if isinstance(modules_to_save, list) else []
+    modules = (".".join(parts[:end]) for end in range(1, len(parts)))  # every module on the key's path
+    return any(module.endswith(name) for module in modules for name in names)
 
 
 @dataclass
