@@ -25,6 +25,7 @@ from .attention import (
     wrap_attention_implementation,
 )
 from .config import PrefixPlusConfig
+from .geometry import layer_indices
 from .layer import MERGE_INTO_WEIGHTS_MESSAGE, PrefixPlusLayer
 from .text_init import initialise_from_text
 
@@ -116,12 +117,7 @@ class PrefixPlusModel(BaseTuner):
         self._check_config(config, sites, lengths)  # before anything in the model changes
         self._install(model, sites)
         site_layers = {
-            site: [
-                i
-                for i in range(len(sites[site].modules))
-                if config.layers_to_transform is None or i in config.layers_to_transform
-            ]
-            for site in sites
+            site: list(layer_indices(len(found.modules), config.layers_to_transform)) for site, found in sites.items()
         }
         layer: PrefixPlusLayer = getattr(model, LAYER_ATTR)
         layer.update_layer(adapter_name, config, lengths, site_layers)
