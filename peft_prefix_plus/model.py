@@ -7,7 +7,8 @@ import weakref
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, _delete_auxiliary_adapter
+from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
 
 from .attention import (
@@ -265,17 +266,21 @@ class PrefixPlusModel(BaseTuner):
 
     # ------------------------------------------------------------------ adapter management
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # modules_to_save (e.g. a classification head) are wrapped by PEFT, which manages their requires_grad itself
+        wrapped = [
+            name + "." for name, module in model.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)
+        ]
         for name, param in model.named_parameters():
-            if f"{LAYER_ATTR}." not in name:
+            if f"{LAYER_ATTR}." not in name and not name.startswith(tuple(wrapped)):
                 param.requires_grad = False
 
     def enable_adapter_layers(self) -> None:
-        """Enable the active adapters' prefixes."""
-        self._layer.enable_adapters(True)
+        """Enable the active adapters' prefixes (and their `modules_to_save`)."""
+        super().enable_adapter_layers()
 
     def disable_adapter_layers(self) -> None:
-        """Disable all prefixes: the model computes exactly as the base model."""
-        self._layer.enable_adapters(False)
+        """Disable all prefixes (and `modules_to_save`): the model computes exactly as the base model."""
+        super().disable_adapter_layers()
         self._layer.clear()
 
     def merge_mlp(self, adapter_names: Optional[list[str]] = None) -> list[str]:
@@ -314,6 +319,7 @@ class PrefixPlusModel(BaseTuner):
         layer = self._layer
         layer.delete_adapter(adapter_name)
         self.active_adapter = layer.active_adapters[:]
+        _delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=self.active_adapter)
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
         raise ValueError(
@@ -322,7 +328,11 @@ class PrefixPlusModel(BaseTuner):
         )
 
     def unload(self) -> nn.Module:
-        """Remove PrefixPlus from the model and return the base model, which computes exactly as before."""
+        """Remove PrefixPlus from the model and return the base model, which computes exactly as before.
+
+        Modules in `modules_to_save` (e.g. a classification head) get the base model's original module back; the
+        trained copy stays reachable before unloading, as ``<module>.modules_to_save[adapter_name]``.
+        """
         model = self.model
         for hook in getattr(self, "_hooks", []):
             hook.remove()
@@ -331,6 +341,10 @@ class PrefixPlusModel(BaseTuner):
                 for module in found.modules:
                     set_route(module, None)
             set_attention_implementation(model, self._saved_attn_implementations)
+        for name, module in list(model.named_modules()):  # modules_to_save: put the base model's own module back
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                parent, _, target_name = _get_submodules(model, name)
+                setattr(parent, target_name, module.original_module)
         if hasattr(model, LAYER_ATTR):
             delattr(model, LAYER_ATTR)
         if hasattr(model, "peft_config"):
