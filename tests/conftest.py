@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -162,3 +163,29 @@ def site_kwargs(task_type: str) -> dict:
     if task_type == "SEQ_2_SEQ_LM":
         return {"encoder_num_virtual_tokens": 2, "cross_num_virtual_tokens": 5}
     return {}
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A reference copy of the base model, frozen like the base inside a PeftModel (sdpa picks its kernel by it)."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def forward_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The logits of ``model`` on ``batch``, without gradients; encoder-decoder models get the labels as decoder input."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if getattr(model.config, "is_encoder_decoder", False) and "labels" in batch:
+        inputs["labels"] = batch["labels"]
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def all_configs(model: torch.nn.Module) -> list:
+    """Every distinct transformers config held by a module of ``model`` (T5's encoder and decoder hold copies)."""
+    configs = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            configs.setdefault(id(config), config)
+    return list(configs.values())
