@@ -5,8 +5,9 @@ the MLP once, in float32 whatever the model's dtype, and replaces the embedding 
 prefix parameters they produce. The merged adapter gives the same outputs, is as small as a prefix can be, skips
 the MLP in the forward pass, and can be trained further as a raw prefix.
 
-The same computation (:func:`project_in_float32`) serves the on-disk merge of
-:func:`peft_prefix_plus.adapter_files.merge_adapter`, so both give identical tensors.
+The same function (:func:`merge_site_encoders`) serves the on-disk merge of
+:func:`peft_prefix_plus.files.merge_adapter`, which loads a saved adapter into the real encoders: both give
+identical tensors by construction.
 """
 
 from __future__ import annotations
@@ -82,6 +83,27 @@ def merge_site_encoder(encoder: PrefixSiteEncoder) -> bool:
     return True
 
 
+def merge_site_encoders(encoders: Iterable[PrefixSiteEncoder]) -> bool:
+    """Merge every site encoder of one adapter (see :func:`merge_site_encoder`): used in memory by `merge_mlp` and on
+    disk by `peft_prefix_plus.files.merge_adapter`.
+
+    Args:
+        encoders (`Iterable[PrefixSiteEncoder]`): The encoders of one adapter, one per site.
+
+    Returns:
+        `bool`: `True` if any encoder was merged, `False` if all already held raw prefixes.
+
+    Example:
+
+    ```py
+    >>> merge_site_encoders(peft_model.base_model.model.prefix_plus_layer.prefix_plus_sites["default"].values())
+    True
+    ```
+    """
+    merged = [merge_site_encoder(encoder) for encoder in encoders]
+    return any(merged)
+
+
 def merged_from_record(config: PrefixPlusConfig) -> dict:
     """What `merge_mlp` records in ``config.merged_from``: the shape of the MLP the raw prefixes came from.
 
@@ -151,8 +173,7 @@ def merge_mlp(tuner: PrefixPlusModel, adapter_names: Optional[Union[str, Iterabl
     merged = []
     for name in names:
         config: PrefixPlusConfig = tuner.peft_config[name]
-        encoders = list(layer.prefix_plus_sites[name].values())
-        if not any(encoder.is_projected for encoder in encoders):
+        if not merge_site_encoders(layer.prefix_plus_sites[name].values()):
             warnings.warn(
                 f"PrefixPlus adapter {name!r} already holds raw prefixes (prefix_projection=False): "
                 "there is no MLP to merge, nothing was changed.",
@@ -160,8 +181,6 @@ def merge_mlp(tuner: PrefixPlusModel, adapter_names: Optional[Union[str, Iterabl
                 stacklevel=3,
             )
             continue
-        for encoder in encoders:
-            merge_site_encoder(encoder)
         mark_config_merged(config)
         merged.append(name)
     layer.clear()

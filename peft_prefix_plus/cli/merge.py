@@ -6,24 +6,47 @@ import argparse
 import sys
 import warnings
 
+from .src_dst import add_src_dst_command
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``merge`` sub-command."""
-    parser = subparsers.add_parser(
+    """Add the ``merge`` sub-command.
+
+    Args:
+        subparsers (`argparse._SubParsersAction`): From ``parser.add_subparsers()``.
+
+    Example:
+
+    ```py
+    >>> register(parser.add_subparsers())
+    ```
+    """
+    add_src_dst_command(
+        subparsers,
         "merge",
         help="Merge the prefix MLP of a saved adapter into raw prefixes (no model needed).",
         description="Merge the prefix MLP of the saved PrefixPlus adapter SRC into raw prefixes and write the result "
-        "to DST (atomically). Uses only the adapter's files: no base model, no GPU.",
+        "to DST. Uses only the adapter's files: no base model, no GPU.",
+        src_help="directory of a saved PrefixPlus adapter",
+        dst_help="directory to write the merged adapter to",
+        run=run,
     )
-    parser.add_argument("src", metavar="SRC", help="directory of a saved PrefixPlus adapter")
-    parser.add_argument("dst", metavar="DST", help="directory to write the merged adapter to")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``merge``; returns the exit code."""
-    from ..adapter_files import inspect_adapter, merge_adapter
+    """Run ``merge``; returns the exit code.
+
+    Args:
+        args (`argparse.Namespace`): ``src``, ``dst`` and ``overwrite``.
+
+    Example:
+
+    ```py
+    >>> run(argparse.Namespace(src="checkpoint", dst="merged", overwrite=False))
+    0
+    ```
+    """
+    from ..files import inspect_adapter, merge_adapter
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -1,0 +1,278 @@
+"""The geometry of a PrefixPlus adapter, from its config alone: the single source of truth for every tool.
+
+A config whose ``site_shapes`` and ``token_dim`` are filled in (they are once an adapter has been created) fully
+determines the adapter's sites, their prefix lengths, the layers they reach and the shape of every tensor. Reading,
+merging, inspecting, converting and describing saved adapters all ask this module rather than re-deriving it.
+
+Two levels are offered:
+
+- :func:`adapter_geometry` and :func:`expected_counts` are pure arithmetic (no tensor, no list as long as the
+  number of layers), so an absurd config (``num_layers: 1e9``) can be measured and refused in microseconds;
+- :func:`build_site_encoders` builds the real :class:`~peft_prefix_plus.layer.PrefixSiteEncoder` modules on the
+  meta device, so the expected parameter names and shapes come from their ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import SITES, PrefixPlusConfig
+from .layer import PrefixSiteEncoder
+
+#: The keys of each entry of ``PrefixPlusConfig.site_shapes``.
+SITE_SHAPE_KEYS: tuple[str, ...] = ("num_layers", "num_key_value_heads", "head_dim")
+
+
+@dataclass(frozen=True)
+class SiteGeometry:
+    """Where and how big the prefix of one attention site is.
+
+    Args:
+        site (`str`): ``"self"``, ``"encoder"`` or ``"cross"``.
+        num_virtual_tokens (`int`): Prefix length at this site.
+        num_layers (`int`): Number of attention layers of the model at this site (the whole stack).
+        layer_indices (`range` or `tuple[int, ...]`): Indices (within the stack) of the layers that get a prefix.
+        num_key_value_heads (`int`): Key/value heads of the attention at this site.
+        head_dim (`int`): Head dimension of the attention at this site.
+
+    Example:
+
+    ```py
+    >>> SiteGeometry("self", 8, 4, range(4), 2, 16).shape
+    (4, 2, 2, 8, 16)
+    ```
+    """
+
+    site: str
+    num_virtual_tokens: int
+    num_layers: int
+    layer_indices: Union[range, tuple[int, ...]]
+    num_key_value_heads: int
+    head_dim: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """The raw prefix shape ``(transformed layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``."""
+        return (len(self.layer_indices), 2, self.num_key_value_heads, self.num_virtual_tokens, self.head_dim)
+
+    @property
+    def out_features(self) -> int:
+        """Width of one virtual token's prefix over all layers: the MLP's output width."""
+        return len(self.layer_indices) * 2 * self.num_key_value_heads * self.head_dim
+
+    @property
+    def covers_all_layers(self) -> bool:
+        """Whether every layer of the stack gets a prefix at this site."""
+        return len(self.layer_indices) == self.num_layers
+
+
+def is_encoder_decoder(site_shapes: Mapping[str, Any]) -> bool:
+    """Whether ``site_shapes`` describe an encoder-decoder model: the one rule every tool uses.
+
+    An encoder-decoder model has an encoder self-attention or a decoder cross-attention site besides ``"self"``.
+
+    Args:
+        site_shapes (`Mapping`): ``PrefixPlusConfig.site_shapes``.
+
+    Example:
+
+    ```py
+    >>> is_encoder_decoder({"self": {...}, "encoder": {...}, "cross": {...}})
+    True
+    ```
+    """
+    return any(site in site_shapes for site in ("encoder", "cross"))
+
+
+def layer_indices(num_layers: int, layers_to_transform: Optional[Sequence[int]]) -> Union[range, tuple[int, ...]]:
+    """Indices of the layers that get a prefix in a stack of ``num_layers`` layers.
+
+    Returns a ``range`` (no memory, whatever ``num_layers``) when every layer is transformed.
+
+    Args:
+        num_layers (`int`): Layers in the stack.
+        layers_to_transform (`Sequence[int]`, *optional*): ``PrefixPlusConfig.layers_to_transform``.
+
+    Example:
+
+    ```py
+    >>> layer_indices(4, [0, 2, 7])
+    (0, 2)
+    ```
+    """
+    if layers_to_transform is None:
+        return range(num_layers)
+    return tuple(sorted(i for i in set(layers_to_transform) if i < num_layers))
+
+
+def check_site_shapes(config: PrefixPlusConfig) -> dict[str, dict[str, int]]:
+    """Validate the creation-time fields a config needs to describe tensors: ``site_shapes`` and ``token_dim``.
+
+    Args:
+        config ([`PrefixPlusConfig`]): The config.
+
+    Returns:
+        `dict`: ``config.site_shapes``.
+
+    Raises:
+        ValueError: Naming the field, when ``site_shapes`` is missing or malformed, or ``token_dim`` is missing or not
+            a positive integer while the adapter uses an MLP.
+
+    Example:
+
+    ```py
+    >>> check_site_shapes(PrefixPlusConfig(site_shapes={"self": {"num_layers": 2, "num_key_value_heads": 2,
+    ...     "head_dim": 8}}, prefix_projection=False))
+    ```
+    """
+    shapes = config.site_shapes
+    if not isinstance(shapes, Mapping) or not shapes or not set(shapes) <= set(SITES):
+        raise ValueError(
+            f"`site_shapes` must map sites {list(SITES)} to their shapes (it is filled in when an adapter is "
+            f"created); got {shapes!r}."
+        )
+    for site, shape in shapes.items():
+        if not isinstance(shape, Mapping) or any(
+            isinstance(shape.get(key), bool) or not isinstance(shape.get(key), int) or shape[key] < 1
+            for key in SITE_SHAPE_KEYS
+        ):
+            raise ValueError(
+                f"`site_shapes[{site!r}]` must hold positive integers {list(SITE_SHAPE_KEYS)}; got {shape!r}."
+            )
+    if config.prefix_projection:
+        token_dim = config.token_dim
+        if isinstance(token_dim, bool) or not isinstance(token_dim, int) or token_dim < 1:
+            raise ValueError(
+                f"`token_dim` must be a positive integer when the adapter uses an MLP (prefix_projection=True); "
+                f"got {token_dim!r}."
+            )
+    return dict(shapes)
+
+
+def adapter_geometry(config: PrefixPlusConfig) -> dict[str, SiteGeometry]:
+    """The geometry of every site that has parameters: non-zero length and at least one transformed layer.
+
+    Pure arithmetic: nothing proportional to the sizes in the config is allocated.
+
+    Args:
+        config ([`PrefixPlusConfig`]): A config with ``site_shapes`` (and ``token_dim`` with an MLP) filled in.
+
+    Returns:
+        `dict[str, SiteGeometry]`: In site order (``self``, ``encoder``, ``cross``).
+
+    Raises:
+        ValueError: If ``site_shapes`` or ``token_dim`` is missing or malformed.
+
+    Example:
+
+    ```py
+    >>> adapter_geometry(peft_model.peft_config["default"])["self"].shape
+    (2, 2, 2, 8, 8)
+    ```
+    """
+    shapes = check_site_shapes(config)
+    geometry = {}
+    for site, length in config.site_lengths(is_encoder_decoder(shapes)).items():
+        shape = shapes.get(site)
+        if not length or shape is None:
+            continue
+        layers = layer_indices(shape["num_layers"], config.layers_to_transform)
+        if not layers:
+            continue
+        geometry[site] = SiteGeometry(
+            site, length, shape["num_layers"], layers, shape["num_key_value_heads"], shape["head_dim"]
+        )
+    return geometry
+
+
+def expected_counts(config: PrefixPlusConfig, geometry: Mapping[str, SiteGeometry]) -> tuple[int, int]:
+    """How many tensors and how many values the adapter's prefix encoders hold, by arithmetic alone.
+
+    Used to refuse a config that calls for more than a file holds before anything is built.
+
+    Args:
+        config ([`PrefixPlusConfig`]): The config.
+        geometry (`Mapping[str, SiteGeometry]`): From :func:`adapter_geometry`.
+
+    Returns:
+        `tuple[int, int]`: ``(number of tensors, number of values)`` over all sites.
+
+    Example:
+
+    ```py
+    >>> expected_counts(config, adapter_geometry(config))
+    (4, 7296)
+    ```
+    """
+    tensors = values = 0
+    for site in geometry.values():
+        if not config.prefix_projection:
+            tensors += 1
+            values += site.out_features * site.num_virtual_tokens
+            continue
+        token_dim, depth = config.token_dim, config.mlp_depth
+        hidden = config.mlp_hidden_size or token_dim
+        tensors += 1 + 2 * (depth + 1)
+        values += site.num_virtual_tokens * token_dim  # embedding
+        values += token_dim * hidden + hidden + (depth - 1) * (hidden * hidden + hidden)  # hidden layers
+        values += hidden * site.out_features + site.out_features  # output layer
+    return tensors, values
+
+
+def build_site_encoders(config: PrefixPlusConfig, device: Union[str, torch.device] = "meta") -> nn.ModuleDict:
+    """Build the real prefix encoders of an adapter, one per site, on ``device`` (the meta device by default).
+
+    On the meta device nothing is allocated: the result gives the expected parameter names and shapes through its
+    ``state_dict()``, and takes real tensors with ``load_state_dict(tensors, assign=True)``. Check the sizes with
+    :func:`expected_counts` first when the config is untrusted: building needs memory proportional to the number of
+    layers.
+
+    Args:
+        config ([`PrefixPlusConfig`]): A config with ``site_shapes`` (and ``token_dim`` with an MLP) filled in.
+        device (`str` or `torch.device`): Where to create the parameters.
+
+    Returns:
+        `nn.ModuleDict`: ``{site: PrefixSiteEncoder}``, as ``PrefixPlusLayer.prefix_plus_sites[adapter]`` holds them.
+
+    Example:
+
+    ```py
+    >>> encoders = build_site_encoders(config)
+    >>> {name: tuple(t.shape) for name, t in encoders.state_dict().items()}
+    {'self.embedding.weight': (8, 32), 'self.mlp.0.weight': (32, 32), ...}
+    ```
+    """
+    encoders = nn.ModuleDict()
+    with torch.device(device):
+        for site, geometry in adapter_geometry(config).items():
+            encoders[site] = PrefixSiteEncoder(
+                geometry.num_virtual_tokens,
+                list(geometry.layer_indices),
+                geometry.num_key_value_heads,
+                geometry.head_dim,
+                config,
+            )
+    return encoders
+
+
+def expected_shapes(config: PrefixPlusConfig) -> dict[str, tuple[int, ...]]:
+    """The parameter names (``<site>.<parameter>``) and shapes an adapter with ``config`` holds.
+
+    Taken from the ``state_dict()`` of the real encoders built on the meta device.
+
+    Args:
+        config ([`PrefixPlusConfig`]): A config with ``site_shapes`` (and ``token_dim`` with an MLP) filled in.
+
+    Example:
+
+    ```py
+    >>> expected_shapes(raw_config)
+    {'self.prefix': (2, 2, 2, 8, 8)}
+    ```
+    """
+    return {name: tuple(tensor.shape) for name, tensor in build_site_encoders(config).state_dict().items()}
