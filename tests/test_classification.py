@@ -13,6 +13,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from peft_prefix_plus import PrefixPlusConfig
+from peft_prefix_plus.files import AdapterFileError, export_to_peft, inspect_adapter, merge_adapter
 
 # case: (family, model class, PEFT task type, name of the head module)
 CLASSIFIERS = {
@@ -174,3 +175,66 @@ def test_modules_to_save_chosen_by_the_user_are_trained_and_saved(tmp_path):
     loaded = PeftModel.from_pretrained(reference, tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
+
+
+def test_merge_and_inspect_carry_a_saved_head_export_refuses_it(tmp_path):
+    """The file tools keep a classification head: merge carries it unchanged, inspect lists it, export refuses it."""
+    base = pretrained("llama-sequence", tmp_path / "pretrained", seed=0)
+    model = get_peft_model(base, PrefixPlusConfig(task_type="SEQ_CLS", num_virtual_tokens=3, mlp_depth=2)).eval()
+    with torch.no_grad():
+        model.base_model.model.score.modules_to_save["default"].weight.mul_(3.0)  # a head unlike any fresh one
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / SAFETENSORS_WEIGHTS_NAME)
+
+    assert inspect_adapter(tmp_path / "adapter")["modules_to_save"] == ["base_model.model.score.weight"]
+
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / SAFETENSORS_WEIGHTS_NAME)
+    assert torch.equal(merged["base_model.model.score.weight"], saved["base_model.model.score.weight"])
+    assert inspect_adapter(tmp_path / "merged")["mlp"] == "raw"
+    inputs = {"input_ids": torch.arange(4, 12).view(1, -1)}
+    loaded = PeftModel.from_pretrained(
+        pretrained("llama-sequence", tmp_path / "pretrained", seed=1), tmp_path / "merged"
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-5)
+
+    with pytest.raises(AdapterFileError, match="task_type is 'SEQ_CLS'.*CAUSAL_LM"):
+        export_to_peft(tmp_path / "adapter", tmp_path / "stock")
+    assert not (tmp_path / "stock").exists()
+
+
+def test_export_to_stock_peft_carries_modules_to_save(tmp_path):
+    """A causal LM adapter with `modules_to_save` exports to stock prefix tuning with the module, same logits."""
+    base = transformers.LlamaForCausalLM(tiny_config("llama"))
+    reference = copy.deepcopy(base)
+    config = PrefixPlusConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, offset_position_ids=True, modules_to_save=["model.norm"]
+    )
+    model = get_peft_model(base, config).eval()
+    with torch.no_grad():
+        model.base_model.model.model.norm.modules_to_save["default"].weight.mul_(2.0)
+    model.save_pretrained(tmp_path / "adapter")
+    export_to_peft(tmp_path / "adapter", tmp_path / "stock")
+    stock = PeftModel.from_pretrained(reference, tmp_path / "stock").eval()
+    assert stock.peft_config["default"].peft_type == "PREFIX_TUNING"
+    input_ids = torch.arange(4, 12).view(1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            stock(input_ids=input_ids).logits, model(input_ids=input_ids).logits, rtol=0, atol=1e-5
+        )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AdapterFileError,
+    reason="files/read.py is_modules_to_save_key matches whole dotted names, but PEFT matches module names by string "
+    "suffix (`key.endswith(name)`): modules_to_save=['norm'] also wraps and saves Llama's input_layernorm and "
+    "post_attention_layernorm, and the reader refuses those tensors as 'neither PrefixPlus tensors nor "
+    "modules_to_save'",
+)
+def test_file_tools_read_what_peft_saves_for_a_module_name_suffix(tmp_path):
+    base = transformers.LlamaForCausalLM(tiny_config("llama"))
+    config = PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, modules_to_save=["norm"])
+    get_peft_model(base, config).save_pretrained(tmp_path)
+    assert len(inspect_adapter(tmp_path)["modules_to_save"]) == 5  # the final norm and two norms per layer
