@@ -117,12 +117,7 @@ def merged_from_record(config: PrefixPlusConfig) -> dict:
     {'depth': 3, 'hidden_size': 32, 'activation': 'gelu', 'token_dim': 32}
     ```
     """
-    return {
-        "depth": config.mlp_depth,
-        "hidden_size": config.mlp_hidden_size or config.token_dim,
-        "activation": config.mlp_activation,
-        "token_dim": config.token_dim,
-    }
+    return {**config.mlp_shape, "token_dim": config.token_dim}
 
 
 def mark_config_merged(config: PrefixPlusConfig) -> None:

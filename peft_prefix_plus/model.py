@@ -21,6 +21,7 @@ from .attention import (
     set_route,
 )
 from .config import PrefixPlusConfig
+from .geometry import layer_indices
 from .layer import PrefixPlusLayer
 
 LAYER_ATTR = "prefix_plus_layer"
@@ -75,12 +76,7 @@ class PrefixPlusModel(BaseTuner):
         self._check_config(config, sites, lengths)  # before anything in the model changes
         self._install(model, sites)
         site_layers = {
-            site: [
-                i
-                for i in range(len(sites[site].modules))
-                if config.layers_to_transform is None or i in config.layers_to_transform
-            ]
-            for site in sites
+            site: list(layer_indices(len(found.modules), config.layers_to_transform)) for site, found in sites.items()
         }
         layer: PrefixPlusLayer = getattr(model, LAYER_ATTR)
         layer.update_layer(adapter_name, config, lengths, site_layers)
