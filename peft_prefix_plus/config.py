@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -138,36 +138,36 @@ class PrefixPlusConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PeftType[PEFT_TYPE_NAME]
         self.target_modules = DUMMY_TARGET_MODULES
-        for name in ("num_virtual_tokens", "encoder_num_virtual_tokens", "cross_num_virtual_tokens"):
-            value = getattr(self, name)
-            if value is None and name != "num_virtual_tokens":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+        _check_int("num_virtual_tokens", self.num_virtual_tokens, minimum=0)
+        for name in ("encoder_num_virtual_tokens", "cross_num_virtual_tokens", "mlp_hidden_size", "token_dim"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=0 if "virtual" in name else 1)
+        for name in ("prefix_projection", "offset_position_ids"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.prefix_projection:
             if isinstance(self.mlp_depth, bool) or not isinstance(self.mlp_depth, int) or self.mlp_depth < 1:
                 raise ValueError(
                     f"`mlp_depth` must be an integer >= 1 when `prefix_projection=True`, got {self.mlp_depth!r}. "
                     "Use `prefix_projection=False` for raw prefixes without an MLP."
                 )
-            if self.mlp_hidden_size is not None and (
-                not isinstance(self.mlp_hidden_size, int) or self.mlp_hidden_size < 1
-            ):
-                raise ValueError(
-                    f"`mlp_hidden_size` must be a positive integer or None, got {self.mlp_hidden_size!r}."
-                )
-            if self.mlp_activation not in ACT2FN:
+            if not isinstance(self.mlp_activation, str) or self.mlp_activation not in ACT2FN:
                 raise ValueError(
                     f"Unknown `mlp_activation` {self.mlp_activation!r}; use a name from "
                     f"transformers.activations.ACT2FN, e.g. 'tanh', 'gelu', 'relu' or 'silu'."
                 )
-        if not 0.0 <= float(self.prefix_dropout) < 1.0:
-            raise ValueError(f"`prefix_dropout` must be in [0, 1), got {self.prefix_dropout!r}.")
-        if self.init_weights not in INIT_WEIGHTS:
+        dropout = self.prefix_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`prefix_dropout` must be a number in [0, 1), got {dropout!r}.")
+        if not isinstance(self.init_weights, str) or self.init_weights not in INIT_WEIGHTS:
             raise ValueError(f"`init_weights` must be one of {INIT_WEIGHTS}, got {self.init_weights!r}.")
         if self.layers_to_transform is not None:
-            if isinstance(self.layers_to_transform, int):
+            if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
                 self.layers_to_transform = [self.layers_to_transform]
+            if not isinstance(self.layers_to_transform, (list, tuple)):
+                raise ValueError(
+                    f"`layers_to_transform` must be a list of layer indices, got {self.layers_to_transform!r}."
+                )
             layers = list(self.layers_to_transform)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
                 raise ValueError(
@@ -176,6 +176,10 @@ class PrefixPlusConfig(PeftConfig):
             if len(set(layers)) != len(layers):
                 raise ValueError(f"`layers_to_transform` contains duplicates: {layers!r}.")
             self.layers_to_transform = sorted(layers)
+        if self.site_shapes is not None:
+            _check_site_shapes(self.site_shapes)
+        if self.merged_from is not None and not isinstance(self.merged_from, dict):
+            raise ValueError(f"`merged_from` must be a dict (set by merge_mlp) or None, got {self.merged_from!r}.")
 
     def site_lengths(self, is_encoder_decoder: bool) -> dict[str, int]:
         """Prefix length of each site that exists for this kind of model (lengths may be 0).
@@ -202,3 +206,29 @@ class PrefixPlusConfig(PeftConfig):
             "hidden_size": self.mlp_hidden_size or self.token_dim,
             "activation": self.mlp_activation,
         }
+
+
+_SHAPE_FIELDS = ("num_layers", "num_key_value_heads", "head_dim")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    """Refuse anything but an integer >= ``minimum`` (booleans and numeric strings included), naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a non-negative integer" if minimum == 0 else "a positive integer"
+        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
+
+
+def _check_site_shapes(site_shapes: Any) -> None:
+    """`site_shapes` as PrefixPlus writes it: per known site, positive `num_layers`, `num_key_value_heads`, `head_dim`."""
+    if not isinstance(site_shapes, dict) or not site_shapes:
+        raise ValueError(
+            f"`site_shapes` must map sites {SITES} to their shapes, got {site_shapes!r}. It is filled in when the "
+            "adapter is created; if adapter_config.json was edited by hand, restore it from the saved adapter."
+        )
+    for site, shape in site_shapes.items():
+        if site not in SITES:
+            raise ValueError(f"`site_shapes` names an unknown site {site!r}; sites are {SITES}.")
+        if not isinstance(shape, dict) or set(shape) != set(_SHAPE_FIELDS):
+            raise ValueError(f"`site_shapes[{site!r}]` must have exactly the keys {_SHAPE_FIELDS}, got {shape!r}.")
+        for key in _SHAPE_FIELDS:
+            _check_int(f"site_shapes[{site!r}][{key!r}]", shape[key], minimum=1)
