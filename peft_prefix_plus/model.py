@@ -357,10 +357,18 @@ class PrefixPlusModel(BaseTuner):
             raise ValueError("`adapter_names` is empty; pass one adapter name per input row.")
         layer = self._layer
         layer.row_adapters = list(adapter_names)
+        # modules_to_save (e.g. a classification head): each row goes through its own adapter's copy, as in LoRA
+        handles = [
+            module.register_forward_pre_hook(partial(_saved_module_rows, names=list(adapter_names)), with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, AuxiliaryTrainingWrapper)
+        ]
         try:
             yield
         finally:
             layer.row_adapters = None
+            for handle in handles:
+                handle.remove()
 
     def _after_stack(self, state: _StackState, module: nn.Module, args: tuple, output: Any) -> None:
         layer = self._layer
@@ -509,6 +517,15 @@ class PrefixPlusModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: PrefixPlusConfig, model_config: dict) -> PrefixPlusConfig:
         return peft_config
+
+
+def _saved_module_rows(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
+    """Give a `modules_to_save` wrapper one adapter name per row of its input (rows repeated as `generate` expands
+    the batch); PEFT's wrapper then runs each row through that adapter's copy of the module."""
+    rows = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else len(names)
+    if rows % len(names):
+        return args, {**kwargs, "adapter_names": names}  # the wrapper names the mismatch
+    return args, {**kwargs, "adapter_names": [name for name in names for _ in range(rows // len(names))]}
 
 
 def _hidden_size(config: Any) -> Optional[int]:

@@ -231,3 +231,26 @@ def test_file_tools_read_what_peft_saves_for_a_module_name_suffix(tmp_path):
     config = PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, modules_to_save=["norm"])
     get_peft_model(base, config).save_pretrained(tmp_path)
     assert len(inspect_adapter(tmp_path)["modules_to_save"]) == 5  # the final norm and two norms per layer
+
+
+@pytest.mark.parametrize("case", ["bert-sequence", "bert-token"])
+def test_mixed_batch_rows_use_their_own_adapters_head(case, tmp_path):
+    """With `adapter_names`, each row gets its adapter's prefix and its adapter's copy of the head ("__base__": none)."""
+    _, _, task_type, head = CLASSIFIERS[case]
+    base = pretrained(case, tmp_path / "pretrained", seed=0)
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task_type, num_virtual_tokens=3)).eval()
+    model.add_adapter("other", PrefixPlusConfig(task_type=task_type, num_virtual_tokens=2))
+    with torch.no_grad():
+        getattr(model.base_model.model, head).modules_to_save["other"].weight.add_(1.0)
+    input_ids = torch.arange(4, 28).view(3, -1)
+    names = ["default", "other", "__base__"]
+    with torch.no_grad():
+        mixed = model(input_ids=input_ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=input_ids[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=input_ids[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, rtol=0, atol=1e-6)
