@@ -37,8 +37,7 @@ class PrefixPlusConfig(PeftConfig):
             encoder-decoder model. `None` means `num_virtual_tokens`, `0` means no cross-attention prefix.
         prefix_projection (`bool`): Produce the prefixes with an MLP (the paper's reparametrisation). `False` trains
             the raw prefixes directly.
-        mlp_hidden_size (`int`, *optional*): Width of each hidden layer of the MLP; `None` means the model's hidden
-            size.
+        mlp_hidden_size (`int`, *optional*): Width of each hidden layer of the MLP; `None` means `token_dim`.
         mlp_depth (`int`): Number of hidden layers of the MLP; 1 is the paper and stock PEFT.
         mlp_activation (`str`): Activation between MLP layers, a key of `transformers.activations.ACT2FN`.
         prefix_dropout (`float`): Dropout applied to the produced prefixes, in training only.
@@ -52,8 +51,11 @@ class PrefixPlusConfig(PeftConfig):
         site_shapes (`dict`, *optional*): Filled in by PrefixPlus when the adapter is created: for each site, the
             number of layers, key/value heads and head dimension of the model. Used to check that an adapter is
             loaded onto a matching model and to merge or inspect an adapter without the model.
-        token_dim (`int`, *optional*): Input width of the MLP (the model's hidden size); filled in when the adapter
-            is created.
+        token_dim (`int`, *optional*): Input width of the MLP (and, unless `mlp_hidden_size` is set, its hidden
+            width). `None` means the key/value width of the model's self-attention, `num_key_value_heads * head_dim`,
+            as stock PEFT does; that is the hidden size except on grouped-query models. Filled in when the adapter is
+            created and saved with it, so adapters keep the width they were trained with. peft-prefix-plus 0.1.0
+            used the hidden size: set `token_dim` to the model's hidden size to get that behaviour back.
         merged_from (`dict`, *optional*): Set by `merge_mlp`: the MLP shape the raw prefixes were produced by.
         modules_to_save (`list[str]`, *optional*): Modules apart from the prefixes to be set as trainable and saved in
             the adapter, as in LoRA. For `SEQ_CLS` and `TOKEN_CLS` PEFT adds the classification head (`classifier`,
@@ -94,7 +96,7 @@ class PrefixPlusConfig(PeftConfig):
         default=True, metadata={"help": "Produce prefixes with an MLP; False trains raw prefixes directly."}
     )
     mlp_hidden_size: Optional[int] = field(
-        default=None, metadata={"help": "Width of each MLP hidden layer; None means the model's hidden size."}
+        default=None, metadata={"help": "Width of each MLP hidden layer; None means token_dim."}
     )
     mlp_depth: int = field(default=1, metadata={"help": "Number of MLP hidden layers (1 = the paper and stock PEFT)."})
     mlp_activation: str = field(
@@ -116,7 +118,11 @@ class PrefixPlusConfig(PeftConfig):
         metadata={"help": "Filled in at creation: per site, num_layers, num_key_value_heads and head_dim."},
     )
     token_dim: Optional[int] = field(
-        default=None, metadata={"help": "Filled in at creation: the model's hidden size, input width of the MLP."}
+        default=None,
+        metadata={
+            "help": "Input width of the MLP. None: the self-attention's key/value width (num_key_value_heads * "
+            "head_dim), as stock PEFT; filled in at creation and saved."
+        },
     )
     merged_from: Optional[dict] = field(
         default=None, metadata={"help": "Set by merge_mlp: the MLP shape the raw prefixes were produced by."}

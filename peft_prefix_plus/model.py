@@ -268,13 +268,11 @@ class PrefixPlusModel(BaseTuner):
                     )
         else:
             config.site_shapes = shapes
-        token_dim = _hidden_size(self.model.config)
         if config.token_dim is None:
-            config.token_dim = token_dim
-        if config.prefix_projection and config.token_dim is None:
-            raise ValueError(
-                f"Could not read the hidden size of {model_type!r}; set `token_dim` in the PrefixPlusConfig."
-            )
+            # stock PEFT's MLP input width: the key/value width, which is the hidden size unless the model uses
+            # grouped-query attention (a wider input acts like a higher learning rate)
+            first = sites["self"] if "self" in sites else next(iter(sites.values()))
+            config.token_dim = first.num_key_value_heads * first.head_dim
 
     # ------------------------------------------------------------------ forward
     @property
@@ -526,15 +524,6 @@ def _saved_module_rows(module: nn.Module, args: tuple, kwargs: dict, names: list
     if rows % len(names):
         return args, {**kwargs, "adapter_names": names}  # the wrapper names the mismatch
     return args, {**kwargs, "adapter_names": [name for name in names for _ in range(rows // len(names))]}
-
-
-def _hidden_size(config: Any) -> Optional[int]:
-    for name in ("hidden_size", "d_model", "n_embd"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    text_config = getattr(config, "text_config", None)
-    return _hidden_size(text_config) if text_config is not None else None
 
 
 def _cache_argument(kwargs: dict) -> Any:
