@@ -64,6 +64,9 @@ class PrefixPlusConfig(PeftConfig):
             created and saved with it, so adapters keep the width they were trained with. peft-prefix-plus 0.1.0
             used the hidden size: set `token_dim` to the model's hidden size to get that behaviour back.
         merged_from (`dict`, *optional*): Set by `merge_mlp`: the MLP shape the raw prefixes were produced by.
+        modules_to_save (`list[str]`, *optional*): Modules apart from the prefixes to be set as trainable and saved in
+            the adapter, as in LoRA. For `SEQ_CLS` and `TOKEN_CLS` PEFT adds the classification head (`classifier`,
+            `score`) by itself.
 
     Example:
 
@@ -144,6 +147,14 @@ class PrefixPlusConfig(PeftConfig):
     )
     merged_from: Optional[dict] = field(
         default=None, metadata={"help": "Set by merge_mlp: the MLP shape the raw prefixes were produced by."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "List of modules apart from the prefixes to be set as trainable and saved in the final checkpoint. "
+            "For example, in Sequence Classification or Token Classification tasks, "
+            "the final layer `classifier/score` are randomly initialized and as such need to be trainable and saved."
+        },
     )
     target_modules: Optional[str] = field(
         default=DUMMY_TARGET_MODULES,

@@ -11,7 +11,8 @@ from functools import partial
 from typing import Any, Optional, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, _delete_auxiliary_adapter
+from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
 
 from .attention import (
@@ -358,10 +359,18 @@ class PrefixPlusModel(BaseTuner):
             raise ValueError("`adapter_names` is empty; pass one adapter name per input row.")
         layer = self._layer
         layer.row_adapters = list(adapter_names)
+        # modules_to_save (e.g. a classification head): each row goes through its own adapter's copy, as in LoRA
+        handles = [
+            module.register_forward_pre_hook(partial(_saved_module_rows, names=list(adapter_names)), with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, AuxiliaryTrainingWrapper)
+        ]
         try:
             yield
         finally:
             layer.row_adapters = None
+            for handle in handles:
+                handle.remove()
 
     def _after_stack(self, state: _StackState, module: nn.Module, args: tuple, output: Any) -> None:
         layer = self._layer
@@ -400,17 +409,21 @@ class PrefixPlusModel(BaseTuner):
 
     # ------------------------------------------------------------------ adapter management
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # modules_to_save (e.g. a classification head) are wrapped by PEFT, which manages their requires_grad itself
+        wrapped = [
+            name + "." for name, module in model.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)
+        ]
         for name, param in model.named_parameters():
-            if f"{LAYER_ATTR}." not in name:
+            if f"{LAYER_ATTR}." not in name and not name.startswith(tuple(wrapped)):
                 param.requires_grad = False
 
     def enable_adapter_layers(self) -> None:
-        """Enable the active adapters' prefixes."""
-        self._layer.enable_adapters(True)
+        """Enable the active adapters' prefixes (and their `modules_to_save`)."""
+        super().enable_adapter_layers()
 
     def disable_adapter_layers(self) -> None:
-        """Disable all prefixes: the model computes exactly as the base model."""
-        self._layer.enable_adapters(False)
+        """Disable all prefixes (and `modules_to_save`): the model computes exactly as the base model."""
+        super().disable_adapter_layers()
         self._layer.clear()
 
     def merge_mlp(self, adapter_names: Optional[list[str]] = None) -> list[str]:
@@ -449,6 +462,7 @@ class PrefixPlusModel(BaseTuner):
         layer = self._layer
         layer.delete_adapter(adapter_name)
         self.active_adapter = layer.active_adapters[:]
+        _delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=self.active_adapter)
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(MERGE_INTO_WEIGHTS_MESSAGE)
@@ -457,7 +471,11 @@ class PrefixPlusModel(BaseTuner):
         raise ValueError(MERGE_INTO_WEIGHTS_MESSAGE)
 
     def unload(self) -> nn.Module:
-        """Remove PrefixPlus from the model and return the base model, which computes exactly as before."""
+        """Remove PrefixPlus from the model and return the base model, which computes exactly as before.
+
+        Modules in `modules_to_save` (e.g. a classification head) get the base model's original module back; the
+        trained copy stays reachable before unloading, as ``<module>.modules_to_save[adapter_name]``.
+        """
         model = self.model
         for hook in getattr(self, "_hooks", []):
             hook.remove()
@@ -466,6 +484,10 @@ class PrefixPlusModel(BaseTuner):
                 for module in found.modules:
                     set_route(module, None)
             unwrap_attention_implementations(model)
+        for name, module in list(model.named_modules()):  # modules_to_save: put the base model's own module back
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                parent, _, target_name = _get_submodules(model, name)
+                setattr(parent, target_name, module.original_module)
         if hasattr(model, LAYER_ATTR):
             delattr(model, LAYER_ATTR)
         if hasattr(model, "peft_config"):
@@ -497,6 +519,15 @@ class PrefixPlusModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: PrefixPlusConfig, model_config: dict) -> PrefixPlusConfig:
         return peft_config
+
+
+def _saved_module_rows(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
+    """Give a `modules_to_save` wrapper one adapter name per row of its input (rows repeated as `generate` expands
+    the batch); PEFT's wrapper then runs each row through that adapter's copy of the module."""
+    rows = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else len(names)
+    if rows % len(names):
+        return args, {**kwargs, "adapter_names": names}  # the wrapper names the mismatch
+    return args, {**kwargs, "adapter_names": [name for name in names for _ in range(rows // len(names))]}
 
 
 def _cache_argument(kwargs: dict) -> Any:
