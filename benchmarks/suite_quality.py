@@ -297,13 +297,13 @@ def stock_as_prefix_plus(stock: peft.PeftModel, base: torch.nn.Module, batch: di
 
     Stock PEFT's ``generate()`` drops its prefix on this stack (see
     :func:`benchmarks.suite_decode.stock_prefix_reaches_generate`); its forward pass is fine. With
-    :func:`peft_prefix_plus.interop.copy_stock_prefix` and ``offset_position_ids=True`` the copy computes the same
+    :func:`peft_prefix_plus.files.copy_stock_prefix` and ``offset_position_ids=True`` the copy computes the same
     function (positions and all), and PrefixPlus's generate uses it.
 
     Returns:
         The copy, and the largest absolute difference between its logits and the stock model's on ``batch``.
     """
-    from peft_prefix_plus.interop import copy_stock_prefix
+    from peft_prefix_plus.files import copy_stock_prefix
 
     config = PrefixPlusConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=LM_PREFIX, prefix_projection=False, offset_position_ids=True

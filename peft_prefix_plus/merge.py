@@ -5,8 +5,9 @@ the MLP once, in float32 whatever the model's dtype, and replaces the embedding 
 prefix parameters they produce. The merged adapter gives the same outputs, is as small as a prefix can be, skips
 the MLP in the forward pass, and can be trained further as a raw prefix.
 
-The same computation (:func:`project_in_float32`) serves the on-disk merge of
-:func:`peft_prefix_plus.adapter_files.merge_adapter`, so both give identical tensors.
+The same function (:func:`merge_site_encoders`) serves the on-disk merge of
+:func:`peft_prefix_plus.files.merge_adapter`, which loads a saved adapter into the real encoders: both give
+identical tensors by construction.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @torch.no_grad()
 def project_in_float32(
-    embedding: torch.Tensor, mlp: nn.Sequential, shape: tuple[int, int, int, int, int], dtype: torch.dtype
+    embedding: torch.Tensor,
+    mlp: nn.Sequential,
+    shape: tuple[int, int, int, int, int],
+    dtype: torch.dtype,
+    offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run a prefix MLP once in float32 and return the raw prefix in the site layout, cast to ``dtype``.
 
@@ -39,6 +44,8 @@ def project_in_float32(
         mlp (`nn.Sequential`): The prefix MLP (see `peft_prefix_plus.layer.build_mlp`).
         shape (`tuple`): The site shape ``(num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``.
         dtype (`torch.dtype`): The dtype of the result (the dtype of the adapter's parameters).
+        offset (`torch.Tensor`, *optional*): A fixed prefix the MLP's output is added to (text initialisation's
+            `prefix_init`), in the site layout.
 
     Returns:
         `torch.Tensor`: The raw prefix of shape ``shape``, contiguous.
@@ -50,8 +57,10 @@ def project_in_float32(
     ```
     """
     # fresh, aligned memory: loaded (memory-mapped) tensors could otherwise take another matmul path
-    out = mlp.float()(embedding.to(torch.float32, copy=True))
-    return site_layout(out, shape).contiguous().to(dtype)
+    out = site_layout(mlp.float()(embedding.to(torch.float32, copy=True)), shape)
+    if offset is not None:
+        out = out + offset.to(device=out.device, dtype=torch.float32)
+    return out.contiguous().to(dtype)
 
 
 def merge_site_encoder(encoder: PrefixSiteEncoder) -> bool:
@@ -75,11 +84,35 @@ def merge_site_encoder(encoder: PrefixSiteEncoder) -> bool:
     if not encoder.is_projected:
         return False
     last = encoder.mlp[-1].weight
-    raw = project_in_float32(encoder.embedding.weight, copy.deepcopy(encoder.mlp), encoder.shape, last.dtype)
+    offset = getattr(encoder, "prefix_init", None)
+    raw = project_in_float32(encoder.embedding.weight, copy.deepcopy(encoder.mlp), encoder.shape, last.dtype, offset)
     requires_grad = last.requires_grad
     del encoder.mlp, encoder.embedding
+    if offset is not None:
+        del encoder.prefix_init
     encoder.prefix = nn.Parameter(raw, requires_grad=requires_grad)
     return True
+
+
+def merge_site_encoders(encoders: Iterable[PrefixSiteEncoder]) -> bool:
+    """Merge every site encoder of one adapter (see :func:`merge_site_encoder`): used in memory by `merge_mlp` and on
+    disk by `peft_prefix_plus.files.merge_adapter`.
+
+    Args:
+        encoders (`Iterable[PrefixSiteEncoder]`): The encoders of one adapter, one per site.
+
+    Returns:
+        `bool`: `True` if any encoder was merged, `False` if all already held raw prefixes.
+
+    Example:
+
+    ```py
+    >>> merge_site_encoders(peft_model.base_model.model.prefix_plus_layer.prefix_plus_sites["default"].values())
+    True
+    ```
+    """
+    merged = [merge_site_encoder(encoder) for encoder in encoders]
+    return any(merged)
 
 
 def merged_from_record(config: PrefixPlusConfig) -> dict:
@@ -95,12 +128,7 @@ def merged_from_record(config: PrefixPlusConfig) -> dict:
     {'depth': 3, 'hidden_size': 32, 'activation': 'gelu', 'token_dim': 32}
     ```
     """
-    return {
-        "depth": config.mlp_depth,
-        "hidden_size": config.mlp_hidden_size or config.token_dim,
-        "activation": config.mlp_activation,
-        "token_dim": config.token_dim,
-    }
+    return {**config.mlp_shape, "token_dim": config.token_dim}
 
 
 def mark_config_merged(config: PrefixPlusConfig) -> None:
@@ -151,8 +179,7 @@ def merge_mlp(tuner: PrefixPlusModel, adapter_names: Optional[Union[str, Iterabl
     merged = []
     for name in names:
         config: PrefixPlusConfig = tuner.peft_config[name]
-        encoders = list(layer.prefix_plus_sites[name].values())
-        if not any(encoder.is_projected for encoder in encoders):
+        if not merge_site_encoders(layer.prefix_plus_sites[name].values()):
             warnings.warn(
                 f"PrefixPlus adapter {name!r} already holds raw prefixes (prefix_projection=False): "
                 "there is no MLP to merge, nothing was changed.",
@@ -160,8 +187,6 @@ def merge_mlp(tuner: PrefixPlusModel, adapter_names: Optional[Union[str, Iterabl
                 stacklevel=3,
             )
             continue
-        for encoder in encoders:
-            merge_site_encoder(encoder)
         mark_config_merged(config)
         merged.append(name)
     layer.clear()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
-import pytest
 import torch
 import transformers
 
@@ -18,90 +18,126 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 VOCAB = 100
 
 
-def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, **overrides):
-    """A tiny randomly initialised model of ``family`` and its PEFT task type.
+#: Per family: the config class, its tiny sizes, the model class and the PEFT task type.
+FAMILY_SPECS: dict[str, tuple[type, dict, type, str]] = {
+    "gpt2": (
+        transformers.GPT2Config,
+        {
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 128,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        },
+        transformers.GPT2LMHeadModel,
+        "CAUSAL_LM",
+    ),
+    "llama": (
+        transformers.LlamaConfig,
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        },
+        transformers.LlamaForCausalLM,
+        "CAUSAL_LM",
+    ),
+    "opt": (
+        transformers.OPTConfig,
+        {
+            "hidden_size": 32,
+            "ffn_dim": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "word_embed_proj_dim": 32,
+            "max_position_embeddings": 128,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        },
+        transformers.OPTForCausalLM,
+        "CAUSAL_LM",
+    ),
+    "t5": (
+        transformers.T5Config,
+        {
+            "d_model": 32,
+            "d_ff": 64,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "num_heads": 4,
+            "d_kv": 8,
+            "decoder_start_token_id": 0,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "dropout_rate": 0.0,
+        },
+        transformers.T5ForConditionalGeneration,
+        "SEQ_2_SEQ_LM",
+    ),
+    "bart": (
+        transformers.BartConfig,
+        {
+            "d_model": 32,
+            "encoder_layers": 2,
+            "decoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+            "max_position_embeddings": 128,
+            "dropout": 0.0,
+            "attention_dropout": 0.0,
+        },
+        transformers.BartForConditionalGeneration,
+        "SEQ_2_SEQ_LM",
+    ),
+    "bert": (
+        transformers.BertConfig,
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "max_position_embeddings": 128,
+            "num_labels": 3,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        },
+        transformers.BertForSequenceClassification,
+        "SEQ_CLS",
+    ),
+}
+FAMILIES = list(FAMILY_SPECS)
 
-    Families: gpt2, llama (grouped-query attention), opt, t5, bart, bert (sequence classification).
+
+def tiny_config(family: str, attn_implementation: str = "sdpa", **overrides) -> transformers.PretrainedConfig:
+    """The tiny config of ``family``; ``overrides`` replace or add config fields (e.g. ``num_hidden_layers=3``)."""
+    if family not in FAMILY_SPECS:
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+    config_cls, sizes, _, _ = FAMILY_SPECS[family]
+    fields = {"vocab_size": VOCAB, **sizes, **overrides}
+    return config_cls(attn_implementation=attn_implementation, **fields)
+
+
+def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+    """A tiny randomly initialised model of ``family`` (seeded) and its PEFT task type.
+
+    Families: gpt2, llama (grouped-query attention), opt, t5, bart, bert (sequence classification). ``overrides``
+    are config fields, e.g. ``tiny_model("llama", num_hidden_layers=3)``.
     """
+    _, _, model_cls, task_type = FAMILY_SPECS[family]
+    config = tiny_config(family, attn_implementation, **overrides)
     torch.manual_seed(seed)
-    common = {"vocab_size": VOCAB, "attn_implementation": attn_implementation}
-    if family == "gpt2":
-        config = transformers.GPT2Config(
-            n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common
-        )
-        return transformers.GPT2LMHeadModel(config), "CAUSAL_LM"
-    if family == "llama":
-        config = transformers.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-            **common,
-        )
-        return transformers.LlamaForCausalLM(config), "CAUSAL_LM"
-    if family == "opt":
-        config = transformers.OPTConfig(
-            hidden_size=32,
-            ffn_dim=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=32,
-            max_position_embeddings=128,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-            **common,
-        )
-        return transformers.OPTForCausalLM(config), "CAUSAL_LM"
-    if family == "t5":
-        config = transformers.T5Config(
-            d_model=32,
-            d_ff=64,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=4,
-            d_kv=8,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-            dropout_rate=0.0,
-            **common,
-        )
-        return transformers.T5ForConditionalGeneration(config), "SEQ_2_SEQ_LM"
-    if family == "bart":
-        config = transformers.BartConfig(
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            max_position_embeddings=128,
-            dropout=0.0,
-            attention_dropout=0.0,
-            **common,
-        )
-        return transformers.BartForConditionalGeneration(config), "SEQ_2_SEQ_LM"
-    if family == "bert":
-        config = transformers.BertConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            num_labels=3,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            **common,
-        )
-        return transformers.BertForSequenceClassification(config), "SEQ_CLS"
-    raise ValueError(f"unknown family {family}")
+    return model_cls(config), task_type
 
 
 def batch_for(task_type: str, batch_size: int = 2, seq_len: int = 6, seed: int = 1, left_pad: bool = True) -> dict:
@@ -129,6 +165,27 @@ def site_kwargs(task_type: str) -> dict:
     return {}
 
 
-@pytest.fixture
-def make_model():
-    return tiny_model
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A reference copy of the base model, frozen like the base inside a PeftModel (sdpa picks its kernel by it)."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def forward_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The logits of ``model`` on ``batch``, without gradients; encoder-decoder models get the labels as decoder input."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if getattr(model.config, "is_encoder_decoder", False) and "labels" in batch:
+        inputs["labels"] = batch["labels"]
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def all_configs(model: torch.nn.Module) -> list:
+    """Every distinct transformers config held by a module of ``model`` (T5's encoder and decoder hold copies)."""
+    configs = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            configs.setdefault(id(config), config)
+    return list(configs.values())

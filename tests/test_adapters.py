@@ -19,7 +19,7 @@ from peft import (
 )
 
 from peft_prefix_plus import PrefixPlusConfig
-from peft_prefix_plus.interop import copy_stock_prefix
+from peft_prefix_plus.files import copy_stock_prefix
 
 AUTO_CLASSES = {
     "CAUSAL_LM": AutoPeftModelForCausalLM,

@@ -1,4 +1,7 @@
-"""The ``prefix-plus`` command line and its functions: merge, inspect, export-peft, import-peft, bad input."""
+"""The ``prefix-plus`` command line and its functions: merge, inspect, export-peft, import-peft, destinations.
+
+Bad input of every kind is tested in one table in ``test_bad_input.py``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import pytest
 import torch
 from conftest import batch_for, site_kwargs, tiny_model
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from peft_prefix_plus import (
     AdapterFileError,
@@ -22,7 +26,6 @@ from peft_prefix_plus import (
     inspect_adapter,
     merge_adapter,
 )
-from peft_prefix_plus.adapter_files import read_adapter_tensors
 from peft_prefix_plus.cli import main
 
 TOLERANCE = 1e-5
@@ -74,7 +77,7 @@ def test_inspect_human_and_json(tmp_path, capsys):
     }
     assert info["mlp"] == {"depth": 2, "hidden_size": 32, "activation": "gelu"}
     assert info["merged"] is False
-    tensors, _ = read_adapter_tensors(src)
+    tensors = load_file(src / "adapter_model.safetensors")
     assert info["num_parameters"] == sum(t.numel() for t in tensors.values())
     assert info["size_on_disk"] == sum(p.stat().st_size for p in src.iterdir())
 
@@ -207,47 +210,7 @@ def test_export_refuses_what_stock_peft_cannot_represent(family, overrides, prop
     assert tree_hash(src) == before
 
 
-# ---------------------------------------------------------------------------------------------------- bad input
-def break_missing_config(directory: Path) -> None:
-    (directory / "adapter_config.json").unlink()
-
-
-def break_corrupt_config(directory: Path) -> None:
-    (directory / "adapter_config.json").write_text('{"peft_type": "PREFIX_PLUS", ')
-
-
-def break_truncated_weights(directory: Path) -> None:
-    path = directory / "adapter_model.safetensors"
-    path.write_bytes(path.read_bytes()[:-100])
-
-
-def break_garbage_weights(directory: Path) -> None:
-    (directory / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-
-
-def break_wrong_type(directory: Path) -> None:
-    config = json.loads((directory / "adapter_config.json").read_text())
-    config["peft_type"] = "LORA" if config["peft_type"] != "LORA" else "PREFIX_PLUS"
-    (directory / "adapter_config.json").write_text(json.dumps(config))
-
-
-def break_shapes(directory: Path) -> None:
-    config = json.loads((directory / "adapter_config.json").read_text())
-    config["num_virtual_tokens"] += 1
-    (directory / "adapter_config.json").write_text(json.dumps(config))
-
-
-BREAKERS = {
-    "missing-config": (break_missing_config, "adapter_config.json is missing"),
-    "corrupt-config": (break_corrupt_config, "not valid JSON"),
-    "truncated-weights": (break_truncated_weights, "cannot be read"),
-    "garbage-weights": (break_garbage_weights, "cannot be read"),
-    "wrong-type": (break_wrong_type, "adapter, not a"),
-    "shapes": (break_shapes, "shape"),
-}
-COMMANDS = ["merge", "inspect", "export-peft", "import-peft"]
-
-
+# ---------------------------------------------------------------------------------------------------- destinations
 @pytest.fixture(scope="module")
 def good_adapters(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("good")
@@ -268,27 +231,6 @@ FUNCTIONS = {
 }
 
 
-@pytest.mark.parametrize("breaker", list(BREAKERS))
-@pytest.mark.parametrize("command", COMMANDS)
-def test_bad_input_is_refused_and_nothing_is_written(command, breaker, good_adapters, tmp_path, capsys):
-    import shutil
-
-    breaks, message = BREAKERS[breaker]
-    src = tmp_path / "src"
-    shutil.copytree(good_adapters["stock" if command == "import-peft" else "plus"], src)
-    breaks(src)
-    before = tree_hash(src)
-    dst = tmp_path / "dst"
-    argv = [command, src] if command == "inspect" else [command, src, dst]
-    code, out, err = run_cli(capsys, *argv)
-    assert code == 1
-    assert err.startswith(f"prefix-plus {command}: error:") and message in err, err
-    with pytest.raises(AdapterFileError, match=message):
-        FUNCTIONS[command](src, dst)
-    assert tree_hash(src) == before
-    assert not dst.exists() and not leftovers(tmp_path, "dst")
-
-
 def test_console_script_exit_code_and_message(tmp_path):
     """The real command line (a subprocess): error message on stderr, exit code 1, nothing written."""
     result = subprocess.run(
@@ -304,14 +246,14 @@ def test_console_script_exit_code_and_message(tmp_path):
     assert not (tmp_path / "dst").exists()
 
 
-# ---------------------------------------------------------------------------------------------------- destinations
 @pytest.mark.parametrize("command", ["merge", "export-peft", "import-peft"])
 def test_destination_rules(command, good_adapters, tmp_path, capsys, monkeypatch):
     src = good_adapters["stock" if command == "import-peft" else "plus"]
     before = tree_hash(src)
     function = FUNCTIONS[command]
     dst = tmp_path / "dst"
-    dst.mkdir()
+    dst.mkdir()  # a previous adapter
+    (dst / "adapter_config.json").write_text("{}")
     (dst / "keep.txt").write_text("old")
 
     code, _, err = run_cli(capsys, command, src, dst)  # an existing DST is refused...
@@ -319,12 +261,12 @@ def test_destination_rules(command, good_adapters, tmp_path, capsys, monkeypatch
     assert (dst / "keep.txt").read_text() == "old"
 
     # ...a failure while writing leaves the old DST untouched and no temporary directory
-    import peft_prefix_plus.adapter_files as adapter_files
+    import peft_prefix_plus.files.write as write
 
     def failing_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_files, "save_file", failing_save)
+    monkeypatch.setattr(write, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         function(src, dst, overwrite=True)
     assert (dst / "keep.txt").read_text() == "old" and not leftovers(tmp_path, "dst")
@@ -343,3 +285,74 @@ def test_destination_rules(command, good_adapters, tmp_path, capsys, monkeypatch
     code, _, err = run_cli(capsys, command, src, src / "inner")
     assert code == 1 and "source" in err
     assert tree_hash(src) == before
+
+
+# ---------------------------------------------------------------------------------------------------- registration
+def test_import_registers_with_peft_whatever_is_imported_first(good_adapters):
+    """The contract of ``import peft_prefix_plus``: PEFT knows PREFIX_PLUS however the program imports things (peft
+    imported first is the path every other test takes)."""
+    checks = {
+        "package-then-peft": "import peft_prefix_plus\nfrom peft import PeftConfig",
+        "config-module-first": "from peft_prefix_plus.config import PrefixPlusConfig\nfrom peft import PeftConfig",
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    load = f"\nprint(type(PeftConfig.from_pretrained({str(good_adapters['plus'])!r})).__name__)"
+    processes = {
+        name: subprocess.Popen([sys.executable, "-c", code + load], env=env, stdout=subprocess.PIPE, text=True)
+        for name, code in checks.items()
+    }  # fresh interpreters, run side by side
+    for name, process in processes.items():
+        out, _ = process.communicate(timeout=300)
+        assert process.returncode == 0 and out.split() == ["PrefixPlusConfig"], name
+
+
+# ---------------------------------------------------------------------------------------------------- modules_to_save
+def test_modules_to_save_tensors_are_accepted_and_carried_unchanged(tmp_path, capsys):
+    """Tensors PEFT saves for ``modules_to_save`` (a classification head) pass the reader and are carried over
+    unchanged by merge and export (under the key stock PEFT uses), and listed by inspect."""
+    src = save_prefix_plus(tmp_path / "src", "gpt2", offset_position_ids=True)
+    head = torch.randn(2, 32)
+    tensors = load_file(src / "adapter_model.safetensors")
+    tensors["base_model.model.score.weight"] = head
+    save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["score"]
+    (src / "adapter_config.json").write_text(json.dumps(config))
+
+    code, out, err = run_cli(capsys, "inspect", src)
+    assert code == 0 and "modules_to_save: base_model.model.score.weight" in out, err
+    merge_adapter(src, tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "adapter_model.safetensors")
+    assert torch.equal(merged["base_model.model.score.weight"], head)
+    export_to_peft(src, tmp_path / "stock")
+    stock = load_file(tmp_path / "stock" / "adapter_model.safetensors")
+    assert torch.equal(stock["base_model.score.weight"], head) and set(stock) == {
+        "prompt_embeddings",
+        "base_model.score.weight",
+    }
+    assert json.loads((tmp_path / "stock" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+
+
+@pytest.mark.parametrize(
+    ("key", "modules_to_save", "accepted"),
+    [
+        ("base_model.model.score.weight", ["score"], True),
+        ("base_model.model.classifier.dense.weight", ["classifier"], True),  # a head with submodules
+        ("base_model.model.model.layers.0.input_layernorm.weight", ["norm"], True),  # PEFT matches a name suffix
+        ("base_model.model.lm_head.weight", ["score"], False),
+        ("base_model.model.lm_head.weight", None, False),
+    ],
+)
+def test_reader_accepts_what_peft_saves_for_modules_to_save(key, modules_to_save, accepted, tmp_path):
+    src = save_prefix_plus(tmp_path / "src", "gpt2")
+    tensors = load_file(src / "adapter_model.safetensors")
+    tensors[key] = torch.ones(4)
+    save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["modules_to_save"] = modules_to_save
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    if accepted:
+        assert inspect_adapter(src)["modules_to_save"] == [key]
+    else:
+        with pytest.raises(AdapterFileError, match="neither PrefixPlus tensors nor modules_to_save"):
+            inspect_adapter(src)

@@ -1,4 +1,9 @@
-"""Core behaviour of PrefixPlus on every tested model family, under eager and sdpa attention."""
+"""Core behaviour of PrefixPlus.
+
+First one checklist, run over the matrix families × {eager, sdpa} × {MLP, raw, two active adapters}: save/load gives
+the same logits, cached generation equals recomputation, disabling equals the base model, `merge_mlp` leaves the
+outputs unchanged and `unload()` restores every config of the model. Then the behaviour beyond the checklist.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +12,171 @@ import copy
 import pytest
 import torch
 import transformers
-from conftest import batch_for, site_kwargs, tiny_model
+from conftest import (
+    FAMILIES,
+    FAMILY_SPECS,
+    all_configs,
+    batch_for,
+    forward_logits,
+    frozen_copy,
+    site_kwargs,
+    tiny_model,
+)
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
-from peft_prefix_plus import PrefixPlusConfig
+from peft_prefix_plus import PrefixPlusConfig, attention
 
-FAMILIES = ["gpt2", "llama", "opt", "t5", "bart", "bert"]
 IMPLEMENTATIONS = ["eager", "sdpa"]
+VARIANTS = ["mlp", "raw", "two"]
+GENERATIVE = [family for family in FAMILIES if FAMILY_SPECS[family][3] != "SEQ_CLS"]
+
+#: Cells of the matrix that fail today, as (family, implementation, variant) -> the precise failure.
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
+#: Two classification heads cannot be active at once: PEFT's ModulesToSaveWrapper allows one active adapter.
+TWO_HEADS = (
+    "peft 0.21.2: ModulesToSaveWrapper refuses several active adapters ('Only one adapter can be set at a time'), "
+    "so two adapters that each carry a classification head cannot be active together (LoRA alike)"
+)
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A reference copy of the base model, frozen like the base inside a PeftModel (sdpa picks its kernel by it)."""
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
+def matrix(families: list[str] = FAMILIES):
+    """Parametrise a checklist item over families × implementations × variants."""
+    cells = []
+    for family in families:
+        for attn in IMPLEMENTATIONS:
+            for variant in VARIANTS:
+                marks = []
+                if variant == "two" and FAMILY_SPECS[family][3] == "SEQ_CLS":
+                    marks.append(pytest.mark.xfail(strict=True, raises=ValueError, reason=TWO_HEADS))
+                if (family, attn, variant) in KNOWN_FAILURES:
+                    marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[family, attn, variant]))
+                cells.append(pytest.param(family, attn, variant, id=f"{family}-{attn}-{variant}", marks=marks))
+    return pytest.mark.parametrize(("family", "attn", "variant"), cells)
 
 
-def forward(model, batch):
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if "labels" in batch and batch["labels"].dim() == 2 and "input_ids" in inputs and model.config.is_encoder_decoder:
-        inputs["labels"] = batch["labels"]
-    return model(**inputs).logits
+def adapted(family: str, attn: str, variant: str):
+    """The adapted model of one matrix cell (in eval mode), a frozen copy of its base model, and its task type.
+
+    ``mlp``: one adapter with a 2-layer MLP; ``raw``: one adapter of raw prefixes; ``two``: both of those, of
+    different lengths, active at once (their prefixes are concatenated at every site).
+    """
+    base, task = tiny_model(family, attn)
+    reference = frozen_copy(base)
+    config = PrefixPlusConfig(
+        task_type=task, num_virtual_tokens=3, mlp_depth=2, prefix_projection=variant != "raw", **site_kwargs(task)
+    )
+    model = get_peft_model(base, config)
+    if variant == "two":
+        model.add_adapter("other", PrefixPlusConfig(task_type=task, num_virtual_tokens=2, prefix_projection=False))
+        model.base_model.set_adapter(["default", "other"])
+    return model.eval(), reference, task
+
+
+def active_names(variant: str) -> list[str]:
+    return ["default", "other"] if variant == "two" else ["default"]
+
+
+@matrix()
+def test_save_and_load_give_the_same_logits(family, attn, variant, tmp_path):
+    model, reference, task = adapted(family, attn, variant)
+    batch = batch_for(task)
+    expected = forward_logits(model, batch)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(reference, tmp_path)
+    if variant == "two":
+        loaded.load_adapter(tmp_path / "other", adapter_name="other")
+        loaded.base_model.set_adapter(["default", "other"])
+    assert loaded.base_model.active_adapters == active_names(variant)
+    assert torch.equal(forward_logits(loaded.eval(), batch), expected)
+
+
+@matrix(GENERATIVE)
+def test_cached_generation_equals_recomputation(family, attn, variant, monkeypatch):
+    decode_steps = []
+    decode = attention._decode_attention
+    monkeypatch.setattr(attention, "_decode_attention", lambda *a, **k: decode_steps.append(1) or decode(*a, **k))
+    model, _, task = adapted(family, attn, variant)
+    batch = batch_for(task, batch_size=3, seq_len=5)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    scored = {"output_scores": True, "return_dict_in_generate": True, **kwargs}
+    cached = model.generate(**inputs, **scored)
+    assert decode_steps  # the decoding branch (one query over prefix and cache) ran, under eager and sdpa
+    recomputed = model.generate(**inputs, use_cache=False, **scored)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(recomputed.scores), rtol=1e-4, atol=1e-5)
+
+
+@matrix()
+def test_disable_equals_the_base_model(family, attn, variant):
+    model, reference, task = adapted(family, attn, variant)
+    batch = batch_for(task)
+    base_logits = forward_logits(reference, batch)
+    adapted_logits = forward_logits(model, batch)
+    # the adapter changes the outputs (BERT's initialisation makes its logits small, hence a relative measure)
+    assert (adapted_logits - base_logits).abs().max() > 1e-3 * base_logits.abs().max()
+    with model.disable_adapter():
+        assert torch.equal(forward_logits(model, batch), base_logits)
+    assert torch.equal(forward_logits(model, batch), adapted_logits)  # enabled again afterwards
+
+
+@matrix()
+def test_merge_mlp_leaves_the_outputs_unchanged(family, attn, variant):
+    model, _, task = adapted(family, attn, variant)
+    batch = batch_for(task)
+    before = forward_logits(model, batch)
+    if variant == "mlp":
+        merged = model.merge_mlp()
+    else:  # raw adapters are skipped with a warning
+        with pytest.warns(UserWarning, match="already holds raw prefixes"):
+            merged = model.merge_mlp()
+    assert merged == ([] if variant == "raw" else ["default"])
+    layer = model.base_model.model.prefix_plus_layer
+    for name in active_names(variant):
+        assert not any(encoder.is_projected for encoder in layer.prefix_plus_sites[name].values())
+    assert model.base_model.active_adapters == active_names(variant)
+    torch.testing.assert_close(forward_logits(model, batch), before, rtol=0, atol=1e-5)
+
+
+@matrix()
+def test_unload_restores_every_config(family, attn, variant):
+    model, reference, task = adapted(family, attn, variant)
+    batch = batch_for(task)
+    forward_logits(model, batch)
+    unloaded = model.unload()
+    configs = all_configs(unloaded)
+    if family == "t5":  # T5's encoder and decoder hold their own copies of the config
+        assert len(configs) == 3
+    assert [c._attn_implementation for c in configs] == [attn] * len(configs)
+    for module in unloaded.modules():
+        assert not any("prefix_plus" in attr for attr in vars(module)), type(module).__name__
+        assert not module._forward_pre_hooks and not module._forward_hooks, type(module).__name__
+    assert not any("prefix_plus" in name for name, _ in unloaded.named_parameters())
+    assert type(unloaded) is type(reference)
+    assert [type(m) for m in unloaded.modules()] == [type(m) for m in reference.modules()]
+    assert torch.equal(forward_logits(unloaded.eval(), batch), forward_logits(reference, batch))
+    # the unloaded model can be adapted again
+    again = get_peft_model(unloaded, PrefixPlusConfig(task_type=task, num_virtual_tokens=2))
+    assert forward_logits(again.eval(), batch).shape == forward_logits(reference, batch).shape
+
+
+@pytest.mark.parametrize("attn", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", GENERATIVE)
+def test_two_active_adapters_both_apply(family, attn):
+    """Several active adapters put their prefixes one after the other: the output is neither adapter's alone."""
+    model, _, task = adapted(family, attn, "two")
+    batch = batch_for(task)
+    layer = model.base_model.model.prefix_plus_layer
+    both = forward_logits(model, batch)
+    assert layer.active_length("self") == 3 + 2
+    for name in ("default", "other"):
+        model.base_model.set_adapter(name)
+        assert not torch.allclose(forward_logits(model, batch), both)
+
+
+def test_tiny_model_applies_its_overrides():
+    model, _ = tiny_model("llama", num_hidden_layers=3, hidden_size=48)
+    assert len(model.model.layers) == 3 and model.config.hidden_size == 48
 
 
 def expected_site_parameters(config: PrefixPlusConfig, layers: int, heads: int, head_dim: int, length: int) -> int:
@@ -42,17 +191,17 @@ def expected_site_parameters(config: PrefixPlusConfig, layers: int, heads: int, 
 
 @pytest.mark.parametrize("attn", IMPLEMENTATIONS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_trainability_effect_and_isolation(family, attn):
+def test_only_the_adapter_trains_and_every_site_gets_gradients(family, attn):
     base, task = tiny_model(family, attn)
-    reference = frozen_copy(base)
-    batch = batch_for(task)
     config = PrefixPlusConfig(task_type=task, num_virtual_tokens=3, mlp_depth=2, **site_kwargs(task))
     model = get_peft_model(base, config)
-    model.eval()
 
-    # only adapter parameters are trainable, and PEFT counts exactly them
+    # only adapter parameters are trainable (and, for classification, the head's copy), and PEFT counts exactly them
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".prefix_plus_sites.default." in n for n in trainable)
+    prefixes = {n: p for n, p in trainable.items() if ".prefix_plus_sites.default." in n}
+    heads = {n: p for n, p in trainable.items() if ".modules_to_save.default." in n}
+    assert prefixes and prefixes.keys() | heads.keys() == trainable.keys()
+    assert bool(heads) == (task == "SEQ_CLS")
     lengths = config.site_lengths(base.config.is_encoder_decoder)
     expected = sum(
         expected_site_parameters(
@@ -60,37 +209,21 @@ def test_trainability_effect_and_isolation(family, attn):
         )
         for site, shape in config.site_shapes.items()
     )
-    assert model.get_nb_trainable_parameters()[0] == expected == sum(p.numel() for p in trainable.values())
-
-    with torch.no_grad():
-        base_logits = forward(reference, batch)
-        adapted = forward(model, batch)
-        # the adapter changes the outputs (BERT's initialisation makes its logits small, hence a relative measure)
-        assert (adapted - base_logits).abs().max() > 1e-3 * base_logits.abs().max()
-        with model.disable_adapter():
-            assert torch.equal(forward(model, batch), base_logits)
-        assert torch.equal(forward(model, batch), adapted)  # re-enabled afterwards
+    assert sum(p.numel() for p in prefixes.values()) == expected
+    assert model.get_nb_trainable_parameters()[0] == sum(p.numel() for p in trainable.values())
 
     # after one backward pass every site has non-zero gradients and the base model none
     model.train()
-    loss = model(**batch).loss
-    loss.backward()
+    model(**batch_for(task)).loss.backward()
     sites_with_grad = set()
     for name, param in model.named_parameters():
         if param.requires_grad:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
-            sites_with_grad.add(name.split(".prefix_plus_sites.default.")[1].split(".")[0])
+            if name in prefixes:
+                sites_with_grad.add(name.split(".prefix_plus_sites.default.")[1].split(".")[0])
         else:
             assert param.grad is None, name
     assert sites_with_grad == set(config.site_shapes)
-
-    # unload gives back the base model, computing exactly as before
-    unloaded = model.unload()
-    assert not any("prefix_plus" in n for n, _ in unloaded.named_parameters())
-    unloaded.eval().requires_grad_(False)
-    with torch.no_grad():
-        assert torch.equal(forward(unloaded, batch), base_logits)
-    assert {c._attn_implementation for c in [unloaded.config]} == {attn}
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
@@ -100,11 +233,6 @@ def test_encoder_decoder_sites(family):
     encoder_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         base_encoded = frozen_copy(base).get_encoder()(**encoder_inputs).last_hidden_state
-
-    # stock PEFT prefix tuning leaves the encoder untouched
-    stock = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type=task, num_virtual_tokens=3)).eval()
-    with torch.no_grad():
-        assert torch.equal(stock.get_encoder()(**encoder_inputs).last_hidden_state, base_encoded)
 
     model = get_peft_model(copy.deepcopy(base), PrefixPlusConfig(task_type=task, num_virtual_tokens=3)).eval()
     with torch.no_grad():
@@ -123,6 +251,37 @@ def test_encoder_decoder_sites(family):
     no_cross_sites = no_cross.base_model.prefix_plus_layer.prefix_plus_sites["default"]
     assert set(no_cross_sites) == {"self", "encoder"}
     assert not any(".cross." in n for n, _ in no_cross.named_parameters())
+
+
+# Stock PEFT behaviour that PrefixPlus improves on. These test upstream, so they are strict xfails: when PEFT fixes
+# them, the suite says so, and the README's comparison needs updating.
+@pytest.mark.xfail(
+    strict=True,
+    reason="peft 0.21.2: prefix tuning passes its prefix as past_key_values, which an encoder never reads",
+)
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_stock_prefix_tuning_reaches_the_encoder(family):
+    base, task = tiny_model(family)
+    batch = batch_for(task)
+    encoder_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        base_encoded = frozen_copy(base).get_encoder()(**encoder_inputs).last_hidden_state
+    stock = get_peft_model(base, PrefixTuningConfig(task_type=task, num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        assert not torch.equal(stock.get_encoder()(**encoder_inputs).last_hidden_state, base_encoded)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=(ValueError, RuntimeError),
+    reason="peft 0.21.2 + transformers 5: with gradient checkpointing transformers drops the cache that carries "
+    "stock PEFT's prefix, and the forward pass fails",
+)
+def test_stock_prefix_tuning_trains_with_gradient_checkpointing():
+    base, task = tiny_model("llama")
+    stock = get_peft_model(base, PrefixTuningConfig(task_type=task, num_virtual_tokens=3)).train()
+    stock.gradient_checkpointing_enable()
+    stock(**batch_for(task)).loss.backward()
 
 
 def test_prefixes_are_computed_once_per_forward_pass():
@@ -196,44 +355,23 @@ def test_gradient_checkpointing_matches(family):
             torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-6)
 
 
-def test_stock_peft_refuses_gradient_checkpointing():
-    base, task = tiny_model("llama")
-    stock = get_peft_model(base, PrefixTuningConfig(task_type=task, num_virtual_tokens=3)).train()
-    stock(**batch_for(task)).loss.backward()  # works without checkpointing
-    stock.gradient_checkpointing_enable()
-    # with checkpointing, transformers drops the cache that carries stock PEFT's prefix, and the forward pass fails
-    with pytest.raises((ValueError, RuntimeError)):
-        stock(**batch_for(task)).loss.backward()
-
-
-@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "t5", "bart"])
-def test_generation(family, monkeypatch):
-    from peft_prefix_plus import attention
-
-    decode_steps = []
-    decode = attention._decode_attention
-    monkeypatch.setattr(attention, "_decode_attention", lambda *a, **k: decode_steps.append(1) or decode(*a, **k))
+@pytest.mark.parametrize("family", GENERATIVE)
+def test_generation_strategies(family):
     base, task = tiny_model(family)
     model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3, **site_kwargs(task))).eval()
     batch = batch_for(task, batch_size=3, seq_len=5)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     common = {"max_new_tokens": 6, "pad_token_id": 0, "eos_token_id": None}
     scored = {"do_sample": False, "output_scores": True, "return_dict_in_generate": True, **common}
-    cached = model.generate(**inputs, **scored)
-    recomputed = model.generate(**inputs, use_cache=False, **scored)
-    greedy = cached.sequences
-    # cached decoding (which attends the prefix and the cache separately) agrees with a full recompute
-    assert decode_steps
-    assert torch.equal(greedy, recomputed.sequences)
-    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(recomputed.scores), rtol=1e-4, atol=1e-5)
+    greedy = model.generate(**inputs, **scored)
     with model.disable_adapter():
         base_scores = torch.stack(model.generate(**inputs, **scored).scores)
-    assert not torch.allclose(base_scores, torch.stack(cached.scores))  # the prefix steers generation
+    assert not torch.allclose(base_scores, torch.stack(greedy.scores))  # the prefix steers generation
     beams = model.generate(**inputs, num_beams=3, num_return_sequences=2, **common)
     sampled = model.generate(**inputs, do_sample=True, top_k=5, **common)
     new_tokens = 6 if not base.config.is_encoder_decoder else 6 + 1
     assert beams.shape[0] == 6 and sampled.shape[0] == 3
-    assert greedy.shape[1] == (5 + new_tokens if not base.config.is_encoder_decoder else new_tokens)
+    assert greedy.sequences.shape[1] == (5 + new_tokens if not base.config.is_encoder_decoder else new_tokens)
 
 
 @pytest.mark.parametrize(
@@ -277,16 +415,6 @@ def test_other_families_need_no_special_code(model_type):
             assert torch.equal(model(input_ids=input_ids).logits, expected)
 
 
-def test_peft_model_from_pretrained_roundtrip_identity(tmp_path):
-    base, task = tiny_model("llama")
-    model = get_peft_model(copy.deepcopy(base), PrefixPlusConfig(task_type=task, num_virtual_tokens=3)).eval()
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(base, tmp_path).eval()
-    batch = batch_for(task)
-    with torch.no_grad():
-        assert torch.equal(forward(loaded, batch), forward(model, batch))
-
-
 def test_prefixes_are_computed_once_per_generate_call():
     base, task = tiny_model("llama")
     model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3)).eval()
@@ -312,11 +440,11 @@ def test_prefix_dropout_applies_in_training_only():
     with torch.no_grad():
         model.train()
         torch.manual_seed(0)
-        first = forward(model, batch)
-        second = forward(model, batch)
+        first = forward_logits(model, batch)
+        second = forward_logits(model, batch)
         assert not torch.equal(first, second)
         model.eval()
-        assert torch.equal(forward(model, batch), forward(model, batch))
+        assert torch.equal(forward_logits(model, batch), forward_logits(model, batch))
 
 
 @pytest.mark.parametrize("projection", [True, False])
@@ -330,8 +458,6 @@ def test_zero_init_gives_zero_prefixes(projection):
 
 @pytest.mark.parametrize(("family", "expected"), [("llama", 1), ("t5", 3)])
 def test_attention_mask_is_extended_once_per_forward_pass(family, expected, monkeypatch):
-    from peft_prefix_plus import attention
-
     calls = []
     extend = attention._extend_mask
     monkeypatch.setattr(attention, "_extend_mask", lambda *a, **k: calls.append(1) or extend(*a, **k))

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import batch_for, site_kwargs, tiny_model
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 
 from peft_prefix_plus import PrefixPlusConfig, inspect_adapter, merge_adapter
-from peft_prefix_plus.adapter_files import read_adapter_tensors
 
 # (family, extra config): GPT-2, Llama with GQA and a deep gelu MLP of another width, T5 and BART with all three
 # sites at different lengths (site_kwargs), and layers_to_transform subsets.
@@ -92,7 +92,7 @@ def test_merge_mlp_in_memory_and_on_disk(case, tmp_path):
 
     # save: only raw prefixes, within 1% + 4 KiB of the raw tensor bytes
     model.save_pretrained(tmp_path / "memory")
-    tensors, _ = read_adapter_tensors(tmp_path / "memory")
+    tensors = load_file(tmp_path / "memory" / "adapter_model.safetensors")
     assert all(key.endswith(".prefix") for key in tensors)
     raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     assert raw_bytes == trainable * 4
@@ -103,7 +103,7 @@ def test_merge_mlp_in_memory_and_on_disk(case, tmp_path):
     source_files = {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()}
     merge_adapter(tmp_path / "src", tmp_path / "disk")
     assert {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()} == source_files  # SRC untouched
-    on_disk, _ = read_adapter_tensors(tmp_path / "disk")
+    on_disk = load_file(tmp_path / "disk" / "adapter_model.safetensors")
     assert on_disk.keys() == tensors.keys()
     for key in tensors:
         assert torch.equal(on_disk[key], tensors[key]), key
@@ -142,7 +142,7 @@ def test_merge_bf16_base(adapter_dtype, tmp_path):
     assert torch.equal(merged, reference)  # computed in float32, not in bf16
     assert (before - after).abs().max().item() <= BF16_TOLERANCE
     model.save_pretrained(tmp_path / "merged")
-    saved, _ = read_adapter_tensors(tmp_path / "merged")
+    saved = load_file(tmp_path / "merged" / "adapter_model.safetensors")
     assert [t.dtype for t in saved.values()] == [adapter_dtype]
 
 
@@ -157,8 +157,8 @@ def test_merge_raw_adapter_is_a_noop(tmp_path):
     model.save_pretrained(tmp_path / "raw")
     with pytest.warns(UserWarning, match="already holds raw prefixes"):
         merge_adapter(tmp_path / "raw", tmp_path / "copy")
-    copied, _ = read_adapter_tensors(tmp_path / "copy")
-    original, _ = read_adapter_tensors(tmp_path / "raw")
+    copied = load_file(tmp_path / "copy" / "adapter_model.safetensors")
+    original = load_file(tmp_path / "raw" / "adapter_model.safetensors")
     assert copied.keys() == original.keys() and all(torch.equal(copied[k], original[k]) for k in copied)
 
 
@@ -176,7 +176,7 @@ def test_save_keeps_mlp_and_merged_adapter_keeps_training(tmp_path):
     model, task_type = make_peft_model("llama", mlp_depth=2)
     model.save_pretrained(tmp_path / "checkpoint")
     saved = json.loads((tmp_path / "checkpoint" / "adapter_config.json").read_text())
-    keys, _ = read_adapter_tensors(tmp_path / "checkpoint")
+    keys = load_file(tmp_path / "checkpoint" / "adapter_model.safetensors")
     assert saved["prefix_projection"] is True and saved["merged_from"] is None  # nothing merges implicitly
     assert any(".mlp." in key for key in keys) and any(".embedding." in key for key in keys)
 
@@ -233,13 +233,13 @@ def test_trainer_load_best_model_at_end_keeps_mlp(tmp_path):
         trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best is not None
-    keys, _ = read_adapter_tensors(best)
+    keys = load_file(f"{best}/adapter_model.safetensors")
     assert any(".mlp." in key for key in keys)  # the checkpoint keeps the MLP: resumable
     assert json.loads((tmp_path / "out" / best.split("/")[-1] / "adapter_config.json").read_text())[
         "prefix_projection"
     ]
     assert site_encoders(model)["self"].is_projected  # the best model was loaded back, MLP and all
-    best_tensors, _ = read_adapter_tensors(best)
+    best_tensors = load_file(f"{best}/adapter_model.safetensors")
     for name, param in site_encoders(model)["self"].named_parameters():
         key = f"base_model.model.prefix_plus_layer.prefix_plus_sites.self.{name}"
         assert torch.equal(param.detach().cpu(), best_tensors[key])
