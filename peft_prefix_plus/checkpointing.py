@@ -286,8 +286,10 @@ def _write_record(root: Path, saved: list[str]) -> None:
 def list_checkpoints(checkpoint_root: PathLike) -> list[Path]:
     """The complete checkpoints in `checkpoint_root`, in the order their saves completed (the last is `"latest"`).
 
-    Incomplete checkpoints (a save or a deletion that was interrupted) are not listed. Checkpoints missing from the
-    root's record (`checkpoints.json`) come first, by step.
+    Incomplete checkpoints (a save or a deletion that was interrupted) are not listed. A save counts as done once the
+    root's record (`checkpoints.json`) names it; complete checkpoints it does not name (a save killed between its
+    rename and its record, or copied in by hand) come first, by step, so `"latest"` never picks one over a recorded
+    save.
 
     Args:
         checkpoint_root (`str` or `os.PathLike`): The directory holding `checkpoint-<step>` directories.
@@ -359,10 +361,14 @@ def _remove(path: Path, trash_name: str) -> None:
 
 
 def _remove_leftovers(root: Path) -> None:
-    """Delete what interrupted saves and deletions left: hidden `.checkpoint-*.tmp` / `.deleting` folders."""
+    """Delete what interrupted saves and deletions left: hidden `.checkpoint-*.tmp` / `.deleting` folders and
+    `.checkpoints.json.*.tmp` files."""
     for path in root.glob(f".{CHECKPOINT_PREFIX}*"):
         if path.is_dir() and path.name.endswith((".tmp", ".deleting")):
             shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(f".{RECORD_FILE}.*.tmp"):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def save_checkpoint(

@@ -217,7 +217,9 @@ def test_interrupted_pruning_leaves_no_listed_half_deleted_checkpoint(tmp_path, 
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
     assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-3"
     assert not (tmp_path / "checkpoint-1").exists()  # renamed out of the listed set before the deletion began
-    save_checkpoint(accelerator, tmp_path, step=4, total_limit=2)  # the next save clears what the kill left
+    (tmp_path / ".checkpoints.json.x1y2.tmp").write_text('{"lat')  # a kill while the record was written
+    assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-3"
+    save_checkpoint(accelerator, tmp_path, step=4, total_limit=2)  # the next save clears what the kills left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4", "checkpoints.json"]
 
 

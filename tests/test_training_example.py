@@ -270,7 +270,6 @@ def test_killed_run_leaves_last_complete_checkpoint_loadable_and_resumes(tiny_mo
         process.wait()
     found = list_checkpoints(out / "checkpoints")
     assert found, "no checkpoint was written before the kill"
-    assert len(found) <= 2  # --checkpoints_total_limit 2
     last = found[-1]
     step = json.loads((last / "training_state.json").read_text())["step"]
     assert len(load_file(str(last / "adapter_model.safetensors"))) > 0
