@@ -24,7 +24,7 @@ from ..config import PrefixPlusConfig
 from ..geometry import SiteGeometry, adapter_geometry, build_site_encoders, expected_counts
 from ..layer import PrefixPlusLayer, tensor_mismatches
 from ..model import LAYER_ATTR
-from ..registration import PEFT_TYPE_NAME
+from ..peft_type import PEFT_TYPE_NAME
 from .errors import AdapterFileError
 
 PathLike = Union[str, os.PathLike]
