@@ -7,7 +7,7 @@ prefixes, a configurable MLP and exact merging.
 
 from .config import PrefixPlusConfig
 from .files import AdapterFileError, export_to_peft, import_from_peft, inspect_adapter, merge_adapter
-from .hub import HubPushError, install_peft_hooks, push_adapter
+from .hub.push import HubPushError, install_peft_hooks, push_adapter
 from .layer import PrefixPlusLayer, PrefixSiteEncoder
 from .model import PrefixPlusModel
 from .registration import register

@@ -7,12 +7,16 @@ both the environment variables and those constants, with a fresh ``HF_HOME`` per
 
 from __future__ import annotations
 
+import email.message
 import hashlib
+import json
 import logging
 import os
 import re
+from pathlib import Path
 
 import huggingface_hub.hf_api
+import peft
 import pytest
 import torch
 import transformers.utils.hub
@@ -23,8 +27,10 @@ from huggingface_hub.errors import HfHubHTTPError
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 
 from peft_prefix_plus import HubPushError, PrefixPlusConfig, push_adapter
-from peft_prefix_plus.card import SECTION_END, SECTION_START
 from peft_prefix_plus.cli import main as cli_main
+from peft_prefix_plus.hub import card as card_module
+from peft_prefix_plus.hub.card import SECTION_END, SECTION_START, write_card
+from peft_prefix_plus.hub.push import summaries_from_dir
 
 REPO = "user/tiny-prefix-plus"
 
@@ -253,7 +259,7 @@ def test_second_push_updates_and_branch_push_leaves_main_intact(hub, tmp_path):
 def test_private_flag_reaches_the_server(hub, tmp_path, capsys):
     model = prefix_plus_model(tmp_path)
     model.save_pretrained(tmp_path / "adapter")
-    code = cli_main(["push", str(tmp_path / "adapter"), REPO, "--private", "--token", hub.token])
+    code = cli_main(["push", REPO, str(tmp_path / "adapter"), "--private", "--token", hub.token])
     assert code == 0, capsys.readouterr().err
     assert f"Pushed {tmp_path / 'adapter'} to {REPO}" in capsys.readouterr().out
 
@@ -275,7 +281,7 @@ def test_server_error_during_commit_is_clear_and_changes_nothing(hub, tmp_path, 
     before = tree_digest(adapter)
     hub.fail_commits = True
 
-    assert cli_main(["push", str(adapter), REPO, "--token", hub.token]) == 1
+    assert cli_main(["push", REPO, str(adapter), "--token", hub.token]) == 1
     err = capsys.readouterr().err
     assert "prefix-plus push: error: Pushing the adapter to user/tiny-prefix-plus failed (HTTP 500)" in err
     assert "The local adapter files were not changed" in err
@@ -313,9 +319,9 @@ def test_token_is_never_printed_logged_or_written(hub, tmp_path, monkeypatch, ca
 
     model.push_to_hub(REPO, token=hub.token, revision="dev")  # token passed in
     monkeypatch.setenv("HF_TOKEN", hub.token)  # token from the environment
-    assert cli_main(["push", str(adapter), REPO, "--private"]) == 0
+    assert cli_main(["push", REPO, str(adapter), "--private"]) == 0
     hub.fail_commits = True  # errors must not reveal it either (new repos: unchanged files are not re-committed)
-    assert cli_main(["push", str(adapter), "user/second"]) == 1
+    assert cli_main(["push", "user/second", str(adapter)]) == 1
     with pytest.raises(HubPushError) as raised:
         push_adapter(adapter, "user/third", token=hub.token)
     assert all(r["authorized"] for r in hub.requests_to("POST", "/commit/"))  # the token was used
@@ -332,3 +338,258 @@ def test_token_is_never_printed_logged_or_written(hub, tmp_path, monkeypatch, ca
     for repo in hub.repos.values():
         for commit in repo.commits.values():
             assert not any(hub.token.encode() in content for content in commit.files.values())
+
+
+# ---------------------------------------------------------------------------------------------------------- 8. which
+def saved_run(tmp_path):
+    """A ``save_pretrained`` directory holding adapters "default" (root) and "other" (subfolder), and beside them a
+    Trainer checkpoint that also holds an adapter_config.json."""
+    model = prefix_plus_model(tmp_path)
+    model.add_adapter("other", PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    run = tmp_path / "run"
+    model.save_pretrained(run)
+    model.save_pretrained(run / "checkpoint-500", selected_adapters=["default"])
+    (run / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    return run
+
+
+@pytest.mark.parametrize("named", [[], ["other"]], ids=["root-only", "other-named"])
+def test_only_named_adapters_are_pushed_and_listed_never_checkpoints(hub, tmp_path, named):
+    run = saved_run(tmp_path)
+    with pytest.warns(UserWarning, match="Not pushed: subfolders checkpoint-500"):
+        push_adapter(run, REPO, token=hub.token, adapter_names=named)
+    files = set(hub.repos[REPO].resolve("main").files)
+    expected = {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors"}
+    expected |= {f"other/{name}" for name in ("adapter_config.json", "adapter_model.safetensors") if named}
+    assert files == expected
+    text = hub.file(REPO, "README.md").decode()
+    assert "checkpoint-500" not in text
+    assert ("#### Adapter `other` (subfolder `other`)" in text) is bool(named)
+    assert [s.name for s in summaries_from_dir(run, named)] == ["default", *named]
+
+
+def test_model_push_lists_every_adapter_of_the_model(hub, tmp_path):
+    model = prefix_plus_model(tmp_path)
+    model.add_adapter("other", PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    model.push_to_hub(REPO, token=hub.token)
+    assert "other/adapter_model.safetensors" in hub.repos[REPO].resolve("main").files
+    assert "#### Adapter `other` (subfolder `other`)" in hub.file(REPO, "README.md").decode()
+
+
+# ---------------------------------------------------------------------------------------------------------- 9. local
+def _bin_only(adapter):
+    safetensors = adapter / "adapter_model.safetensors"
+    torch.save({}, adapter / "adapter_model.bin")
+    safetensors.unlink()
+
+
+def _edit_config(adapter, **changes):
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+BAD_LOCAL_INPUTS = {
+    # case: (how to spoil the adapter dir or the arguments, message)
+    "metrics-missing": (lambda a, args: args.extend(["--metrics", str(a.parent / "missing.json")]), "missing.json"),
+    "metrics-not-json": (
+        lambda a, args: (
+            a.parent.joinpath("m.json").write_text("{"),
+            args.extend(["--metrics", str(a.parent / "m.json")]),
+        ),
+        "not valid JSON",
+    ),
+    "metrics-not-a-mapping": (
+        lambda a, args: (
+            a.parent.joinpath("m.json").write_text("[1]"),
+            args.extend(["--metrics", str(a.parent / "m.json")]),
+        ),
+        "must be a mapping",
+    ),
+    "bin-only": (lambda a, args: _bin_only(a), "only safetensors is supported"),
+    "config-edited": (lambda a, args: _edit_config(a, mlp_depth=2), "mlp_depth is 2"),
+    "not-prefix-plus": (lambda a, args: _edit_config(a, peft_type="LORA"), "peft_type 'LORA'"),
+    "dir-missing": (lambda a, args: args.__setitem__(2, str(a.parent / "nope")), "nope"),
+    "old-argument-order": (
+        lambda a, args: args.__setitem__(slice(1, 3), [str(a), REPO]),
+        "the arguments are REPO_ID then LOCAL_DIR",
+    ),
+    "bad-repo-id": (lambda a, args: args.__setitem__(1, "a/b/c"), "not a valid Hub repo id"),
+    "pr-to-a-branch": (
+        lambda a, args: args.extend(["--create-pr", "--revision", "dev"]),
+        "pull request is opened against main",
+    ),
+    "subfolder-not-an-adapter": (lambda a, args: args.extend(["--adapter", "nope"]), "nope"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LOCAL_INPUTS))
+def test_bad_local_input_is_refused_before_any_request(hub, tmp_path, capsys, case):
+    spoil, message = BAD_LOCAL_INPUTS[case]
+    adapter = tmp_path / "adapter"
+    prefix_plus_model(tmp_path).save_pretrained(adapter)
+    args = ["push", REPO, str(adapter), "--token", hub.token]
+    spoil(adapter, args)
+    before = tree_digest(tmp_path)
+
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert hub.requests == [] and hub.repos == {}  # no repo, no branch: nothing reached the Hub
+    assert tree_digest(tmp_path) == before
+
+
+def test_missing_metrics_creates_no_repo_and_no_branch(hub, tmp_path):
+    model = prefix_plus_model(tmp_path)
+    with pytest.raises(HubPushError, match="missing.json.*Nothing was sent to the Hub"):
+        model.push_to_hub(REPO, token=hub.token, revision="dev", metrics=str(tmp_path / "missing.json"))
+    assert hub.requests == [] and hub.repos == {}
+
+
+def test_unreachable_hub_is_a_clear_error(hub, tmp_path, capsys):
+    model = prefix_plus_model(tmp_path)
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    hub.stop()  # connection refused at the endpoint HF_ENDPOINT names
+
+    assert cli_main(["push", REPO, str(adapter), "--token", hub.token]) == 1
+    err = capsys.readouterr().err
+    assert "prefix-plus push: error: Could not reach the Hub at http://127.0.0.1:" in err
+    assert "Traceback" not in err and hub.token not in err
+    with pytest.raises(HubPushError, match="Could not reach the Hub.*Check the network connection and HF_ENDPOINT"):
+        model.push_to_hub(REPO, token=hub.token)
+
+
+# ---------------------------------------------------------------------------------------------------------- 10. CLI
+def test_cli_follows_hf_upload_conventions(hub, tmp_path, monkeypatch, capsys):
+    adapter = tmp_path / REPO.split("/")[1]
+    prefix_plus_model(tmp_path).save_pretrained(adapter)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+
+    # LOCAL_DIR defaults to the folder named like the repository; no --token, no warning.
+    assert cli_main(["push", REPO, "--commit-message", "First", "--commit-description", "BLEU 35.2"]) == 0
+    out, err = capsys.readouterr()
+    assert f"Pushed {adapter.name} to {REPO}" in out and "shell history" not in err
+    repo = hub.repos[REPO]
+    first = repo.commits[repo.branches["main"]]
+    assert (first.message, first.description) == ("First", "BLEU 35.2")
+
+    assert cli_main(["push", REPO, str(adapter), "--revision", "dev", "--token", hub.token]) == 0
+    assert "`--token <value>` leaves your token in your shell history" in capsys.readouterr().err
+    assert "dev" in repo.branches
+
+    assert cli_main(["push", REPO, str(adapter), "--create-pr", "--metrics", _metrics(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{REPO}/discussions/1" in out
+    assert repo.branches["main"] == first.sha  # a pull request leaves main as it was
+    assert "| eval_loss | 0.5 |" in hub.file(REPO, "README.md", "refs/pr/1").decode()
+
+
+def _metrics(tmp_path) -> str:
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"eval_loss": 0.5}))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------- 11. card
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.filterwarnings("ignore:Could not find a config file")  # PEFT looks for the base model's config
+@pytest.mark.parametrize(
+    "recorded, named",
+    [
+        (SMOLLM2, SMOLLM2),  # what the example records
+        (f"/home/me/.cache/huggingface/hub/models--{SMOLLM2.replace('/', '--')}/snapshots/0123abc", SMOLLM2),
+        ("/home/me/models/smollm2", None),  # a local directory: no Hub id is known
+    ],
+    ids=["hub-id", "hf-cache-snapshot", "local-dir"],
+)
+def test_card_names_the_hub_id_of_the_base_model(tmp_path, recorded, named):
+    model = prefix_plus_model(tmp_path)
+    model.peft_config["default"].base_model_name_or_path = recorded
+    model.get_base_model().name_or_path = recorded  # what PEFT's own card writer reads
+    out = tmp_path / "adapter"
+    model.save_pretrained(out)
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == named
+    adapter_tags = [tag for tag in card.data.tags if tag.startswith("base_model:adapter:")]
+    assert adapter_tags == ([f"base_model:adapter:{named}"] if named else [])
+    base = named or recorded
+    assert f'base = AutoModelForCausalLM.from_pretrained("{base}")' in card.text
+    assert ("The base model was a local directory" in card.text) is (named is None)
+
+
+def test_card_opens_with_the_import_and_the_install_from_source(tmp_path, monkeypatch):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(Path(__file__).parents[1] / "pyproject.toml", "rb") as file:
+        urls = tomllib.load(file)["project"]["urls"]
+    assert urls["Repository"].startswith("https://")
+    installed = email.message.Message()
+    for name, url in urls.items():
+        installed["Project-URL"] = f"{name}, {url}"
+    monkeypatch.setattr(card_module.metadata, "metadata", lambda name: installed)  # as pip installs it
+
+    out = tmp_path / "adapter"
+    prefix_plus_model(tmp_path).save_pretrained(out)
+    text = ModelCard.load(out / "README.md").text
+    first = text[text.index(SECTION_START) + len(SECTION_START) :].strip().splitlines()[:2]
+    assert first[0] == "> [!IMPORTANT]"
+    assert "`import peft_prefix_plus`" in first[1] and "KeyError: 'PREFIX_PLUS'" in first[1]
+    assert f"`pip install git+{urls['Repository']}`" in first[1]
+    usage = text[text.index("### How to use") :]
+    assert usage.index(f"pip install git+{urls['Repository']}") < usage.index("import peft_prefix_plus")
+    assert "pip install peft-prefix-plus" not in text
+
+
+def test_card_builds_on_peft_writer_and_keeps_user_tags(tmp_path):
+    model = prefix_plus_model(tmp_path)
+    model.get_base_model().add_model_tags(["trl", "sft"])  # as TRL's SFTTrainer does; PEFT's writer copies them
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "README.md").write_text("---\ntags:\n- mine\nbase_model: org/chosen-by-me\n---\n\nNotes.\n")
+    model.save_pretrained(out)
+    data = ModelCard.load(out / "README.md").data
+    assert data.tags[0] == "mine" and {"trl", "sft", "transformers", "prefix-plus"} <= set(data.tags)
+    assert data.base_model == "org/chosen-by-me"
+    assert (out / "README.md").read_text().count(f"- PEFT {peft.__version__}") == 1
+
+
+def test_card_describes_modules_to_save(tmp_path):
+    config = PrefixPlusConfig(
+        task_type="SEQ_CLS",
+        num_virtual_tokens=4,
+        site_shapes={"self": {"num_layers": 2, "num_key_value_heads": 2, "head_dim": 8}},
+        token_dim=16,
+        base_model_name_or_path="org/bert-tiny",
+    )
+    config.modules_to_save = ["classifier", "score"]  # what PEFT fills in for SEQ_CLS
+    tensors = {
+        "base_model.model.classifier.weight": torch.zeros(3, 16),
+        "base_model.model.classifier.bias": torch.zeros(3),
+    }
+    summary = card_module.adapter_summary("default", config, tensors)
+    assert summary.num_labels == 3
+    text = card_module.update_card(None, [summary], "me/cls").text
+    assert 'AutoModelForSequenceClassification.from_pretrained("org/bert-tiny", num_labels=3)' in text
+    assert "AutoPeftModelForSequenceClassification" in text
+    assert "| Modules saved in full (`modules_to_save`) | `classifier`, `score` |" in text
+    assert "trained weights of `classifier`, `score` (PEFT's `modules_to_save`)" in text
+
+
+INVALID_YAML = "---\ntags: [unclosed\n---\n\n# Mine\n"
+
+
+def test_readme_with_invalid_yaml_is_left_unchanged_with_a_warning(hub, tmp_path):
+    model = prefix_plus_model(tmp_path)
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "README.md").write_text(INVALID_YAML)
+    with pytest.warns(UserWarning, match="invalid YAML front matter.*left unchanged"):
+        model.save_pretrained(out)
+    assert (out / "README.md").read_text() == INVALID_YAML
+    assert (out / "adapter_model.safetensors").is_file()
+    with pytest.warns(UserWarning, match="invalid YAML front matter"):
+        assert write_card(out, summaries_from_dir(out)) is None
+    assert (out / "README.md").read_text() == INVALID_YAML
