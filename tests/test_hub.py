@@ -534,10 +534,9 @@ def test_card_opens_with_the_import_and_the_install_from_source(tmp_path, monkey
     out = tmp_path / "adapter"
     prefix_plus_model(tmp_path).save_pretrained(out)
     text = ModelCard.load(out / "README.md").text
-    first = text[text.index(SECTION_START) + len(SECTION_START) :].strip().splitlines()[:2]
-    assert first[0] == "> [!IMPORTANT]"
-    assert "`import peft_prefix_plus`" in first[1] and "KeyError: 'PREFIX_PLUS'" in first[1]
-    assert f"`pip install git+{urls['Repository']}`" in first[1]
+    callout = text[text.index(SECTION_START) + len(SECTION_START) :].strip().split("\n\n")[0]  # the first lines
+    assert callout.startswith("> [!IMPORTANT]\n> Run `import peft_prefix_plus` before loading")
+    assert "KeyError: 'PREFIX_PLUS'" in callout and f"`pip install git+{urls['Repository']}`" in callout
     usage = text[text.index("### How to use") :]
     assert usage.index(f"pip install git+{urls['Repository']}") < usage.index("import peft_prefix_plus")
     assert "pip install peft-prefix-plus" not in text
