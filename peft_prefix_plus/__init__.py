@@ -2,20 +2,57 @@
 prefixes, a configurable MLP and exact merging.
 
 ``import peft_prefix_plus`` registers the ``PREFIX_PLUS`` method with PEFT, after which ``get_peft_model``,
-``PeftModel.from_pretrained`` and the ``AutoPeftModel*`` classes accept PrefixPlus adapters.
+``PeftModel.from_pretrained`` and the ``AutoPeftModel*`` classes accept PrefixPlus adapters. The registration happens
+as soon as ``peft`` is imported (at once if it already is), and the public names below are imported on first use, so
+that importing the package (and ``prefix-plus --help``) does not pay for torch and peft until they are needed.
 """
 
-from .config import PrefixPlusConfig
-from .files import AdapterFileError, export_to_peft, import_from_peft, inspect_adapter, merge_adapter
-from .hub.push import HubPushError, install_peft_hooks, push_adapter
-from .layer import PrefixPlusLayer, PrefixSiteEncoder
-from .model import PrefixPlusModel
-from .registration import register
+from __future__ import annotations
 
-register()
-install_peft_hooks()  # PeftModel.push_to_hub / save_pretrained write PrefixPlus model cards
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .deferred_registration import register_when_peft_is_imported
 
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it, imported on first access (PEP 562).
+_EXPORTS = {
+    "AdapterFileError": ".files",
+    "HubPushError": ".hub.push",
+    "PrefixPlusConfig": ".config",
+    "PrefixPlusLayer": ".layer",
+    "PrefixPlusModel": ".model",
+    "PrefixSiteEncoder": ".layer",
+    "export_to_peft": ".files",
+    "import_from_peft": ".files",
+    "inspect_adapter": ".files",
+    "merge_adapter": ".files",
+    "push_adapter": ".hub.push",
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .config import PrefixPlusConfig
+    from .files import AdapterFileError, export_to_peft, import_from_peft, inspect_adapter, merge_adapter
+    from .hub.push import HubPushError, push_adapter
+    from .layer import PrefixPlusLayer, PrefixSiteEncoder
+    from .model import PrefixPlusModel
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first access (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+register_when_peft_is_imported()
 
 __all__ = [
     "AdapterFileError",

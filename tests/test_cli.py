@@ -266,7 +266,7 @@ def test_destination_rules(command, good_adapters, tmp_path, capsys, monkeypatch
     def failing_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(write, "save_file", failing_save)
+    monkeypatch.setattr(write, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         function(src, dst, overwrite=True)
     assert (dst / "keep.txt").read_text() == "old" and not leftovers(tmp_path, "dst")
@@ -285,3 +285,22 @@ def test_destination_rules(command, good_adapters, tmp_path, capsys, monkeypatch
     code, _, err = run_cli(capsys, command, src, src / "inner")
     assert code == 1 and "source" in err
     assert tree_hash(src) == before
+
+
+# ---------------------------------------------------------------------------------------------------- registration
+def test_import_registers_with_peft_whatever_is_imported_first(good_adapters):
+    """The contract of ``import peft_prefix_plus``: PEFT knows PREFIX_PLUS however the program imports things."""
+    checks = {
+        "package-then-peft": "import peft_prefix_plus\nfrom peft import PeftConfig",
+        "peft-then-package": "from peft import PeftConfig\nimport peft_prefix_plus",
+        "config-module-first": "from peft_prefix_plus.config import PrefixPlusConfig\nfrom peft import PeftConfig",
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    load = f"\nprint(type(PeftConfig.from_pretrained({str(good_adapters['plus'])!r})).__name__)"
+    processes = {
+        name: subprocess.Popen([sys.executable, "-c", code + load], env=env, stdout=subprocess.PIPE, text=True)
+        for name, code in checks.items()
+    }  # fresh interpreters, run side by side
+    for name, process in processes.items():
+        out, _ = process.communicate(timeout=300)
+        assert process.returncode == 0 and out.split() == ["PrefixPlusConfig"], name

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .errors import AdapterFileError
 
@@ -212,7 +212,8 @@ def atomic_directory(dst: PathLike, *, overwrite: bool = False, sources: Iterabl
 
 
 def write_adapter_files(directory: Path, config: PeftConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """Write an adapter's config and safetensors weights into ``directory``, as `save_pretrained` does.
+    """Write an adapter's config and safetensors weights into ``directory``, as `save_pretrained` does, with file
+    permissions ``0o666 & ~umask``.
 
     Args:
         directory (`Path`): The (temporary) directory being written, e.g. from :func:`atomic_directory`.
@@ -227,8 +228,6 @@ def write_adapter_files(directory: Path, config: PeftConfig, tensors: dict[str, 
     ```
     """
     config.save_pretrained(str(directory))
-    save_file(
-        {key: tensor.contiguous() for key, tensor in tensors.items()},
-        str(directory / SAFETENSORS_WEIGHTS_NAME),
-        metadata={"format": "pt"},
-    )
+    # safetensors' save_file creates its file with mode 0o600; writing its bytes ourselves honours the umask
+    data = save({key: tensor.contiguous() for key, tensor in tensors.items()}, metadata={"format": "pt"})
+    (directory / SAFETENSORS_WEIGHTS_NAME).write_bytes(data)
