@@ -585,10 +585,30 @@ def test_readme_with_invalid_yaml_is_left_unchanged_with_a_warning(hub, tmp_path
     out = tmp_path / "adapter"
     out.mkdir()
     (out / "README.md").write_text(INVALID_YAML)
-    with pytest.warns(UserWarning, match="invalid YAML front matter.*left unchanged"):
+    with pytest.warns(
+        UserWarning, match="README.md could not be updated: its YAML front matter does not parse.*left unchanged"
+    ):
         model.save_pretrained(out)
     assert (out / "README.md").read_text() == INVALID_YAML
     assert (out / "adapter_model.safetensors").is_file()
-    with pytest.warns(UserWarning, match="invalid YAML front matter"):
+    with pytest.warns(UserWarning, match="YAML front matter does not parse"):
         assert write_card(out, summaries_from_dir(out)) is None
     assert (out / "README.md").read_text() == INVALID_YAML
+
+
+def test_push_leaves_a_card_with_invalid_yaml_unchanged_and_pushes_the_adapter(hub, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    prefix_plus_model(tmp_path).save_pretrained(adapter)
+    (adapter / "README.md").write_text(INVALID_YAML)
+    with pytest.warns(UserWarning, match="YAML front matter does not parse"):
+        assert cli_main(["push", REPO, str(adapter), "--token", hub.token]) == 0, capsys.readouterr().err
+    assert (adapter / "README.md").read_text() == INVALID_YAML
+    files = hub.repos[REPO].resolve("main").files
+    assert "adapter_model.safetensors" in files and "README.md" not in files
+
+    # A card on the Hub that does not parse stays as it is, too (the client refuses to upload one: edit the server).
+    repo = hub.repos[REPO]
+    repo.add_commit("main", {**repo.resolve("main").files, "README.md": INVALID_YAML.encode()}, "edited on the Hub")
+    with pytest.warns(UserWarning, match="YAML front matter does not parse"):
+        push_adapter(adapter, REPO, token=hub.token)
+    assert hub.file(REPO, "README.md") == INVALID_YAML.encode()

@@ -380,8 +380,9 @@ def _read(path: str) -> Union[ModelCard, None, bool]:
         return ModelCard.load(path)
     except (yaml.YAMLError, ValueError) as error:
         warnings.warn(
-            f"{path} has invalid YAML front matter ({str(error).splitlines()[0] if str(error) else error!r}); the "
-            "model card was left unchanged. Fix the block between the `---` lines to let peft-prefix-plus update it.",
+            f"The model card {CARD_NAME} could not be updated: its YAML front matter does not parse "
+            f"({str(error).splitlines()[0] if str(error) else error!r}). It is left unchanged; fix the block between "
+            "the `---` lines to let peft-prefix-plus update it.",
             UserWarning,
             stacklevel=4,
         )

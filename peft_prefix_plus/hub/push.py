@@ -179,6 +179,7 @@ def push_adapter(
     From a model, every PrefixPlus adapter of the model is pushed (non-default ones in subfolders). From a directory,
     its root adapter is pushed, plus the adapters saved in the subfolders named in ``adapter_names``; any other
     subfolder (e.g. a Trainer's ``checkpoint-500``) is left out, with a warning. Only safetensors weights are pushed.
+    A card whose YAML front matter does not parse is neither modified nor uploaded (a warning says so).
 
     The repository is created if needed (``private`` applies then only) and so is the branch ``revision`` (unless
     ``create_pr``). An existing README.md in the repository is updated: its metadata is merged and only the generated
@@ -239,16 +240,20 @@ def push_adapter(
             else:
                 model_or_dir.save_pretrained(staging)  # writes the card through the hook below
                 adapters = card.summaries_from_model(model_or_dir)
-            card.write_card(staging, adapters, repo_id, metrics=metrics, tags=tags, revision=revision)
+            if card.write_card(staging, adapters, repo_id, metrics=metrics, tags=tags, revision=revision) is None:
+                os.remove(os.path.join(staging, card.CARD_NAME))  # unparsable (warned): the Hub would refuse it
             logger.info("Pushing the PrefixPlus adapter to %s", where)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=staging,
-                revision=revision,
-                commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-                commit_description=commit_description,
-                create_pr=create_pr,
-            )
+            try:
+                return api.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=staging,
+                    revision=revision,
+                    commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+                    commit_description=commit_description,
+                    create_pr=create_pr,
+                )
+            except ValueError as error:  # the Hub's check of the card's metadata (huggingface_hub raises ValueError)
+                raise HubPushError(f"The Hub refused the model card of {where}: {error}. {NOTHING_SENT}") from error
     except HfHubHTTPError as error:
         status = getattr(getattr(error, "response", None), "status_code", None)
         raise HubPushError(
