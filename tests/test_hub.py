@@ -573,8 +573,29 @@ def test_card_describes_modules_to_save(tmp_path):
     text = card_module.update_card(None, [summary], "me/cls").text
     assert 'AutoModelForSequenceClassification.from_pretrained("org/bert-tiny", num_labels=3)' in text
     assert "AutoPeftModelForSequenceClassification" in text
-    assert "| Modules saved in full (`modules_to_save`) | `classifier`, `score` |" in text
-    assert "trained weights of `classifier`, `score` (PEFT's `modules_to_save`)" in text
+    assert "| Modules saved in full (`modules_to_save`) | `classifier` |" in text  # `score` holds no weights here
+    assert "trained weights of `classifier` (PEFT's `modules_to_save`)" in text
+
+
+@pytest.mark.skipif(
+    "modules_to_save" not in PrefixPlusConfig.__dataclass_fields__,
+    reason="needs PrefixPlusConfig.modules_to_save (branch cls); runs once both branches are merged",
+)
+def test_classifier_card_snippet_loads_the_trained_head(hub, tmp_path):
+    base, task, _ = saved_base(tmp_path, "bert")
+    torch.manual_seed(3)
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)  # a head unlike the base's
+    expected = logits(model, task)
+    model.push_to_hub(REPO, token=hub.token)
+
+    text = ModelCard.load(REPO).text
+    assert "num_labels=3)" in text and "| Modules saved in full (`modules_to_save`) | `classifier` |" in text
+    snippet = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert torch.equal(logits(namespace["model"].eval(), task), expected)
 
 
 INVALID_YAML = "---\ntags: [unclosed\n---\n\n# Mine\n"

@@ -90,8 +90,7 @@ model = {auto_peft}.from_pretrained("{adapter_id}"{revision})
 ```
 {notes}
 ### Configuration
-{tables}
-{metrics}
+{tables}{metrics}
 ### Framework versions
 
 - PEFT {peft_version}
@@ -108,12 +107,14 @@ class AdapterSummary:
         config ([`PrefixPlusConfig`]): Its configuration.
         num_parameters (`int`, *optional*): Values saved for it, ``modules_to_save`` included.
         num_labels (`int`, *optional*): Outputs of its saved classification head, when it has one.
+        saved_modules (`tuple[str, ...]`): The ``modules_to_save`` whose weights it holds.
     """
 
     name: str
     config: PrefixPlusConfig
     num_parameters: Optional[int] = None
     num_labels: Optional[int] = None
+    saved_modules: tuple[str, ...] = ()
 
 
 def adapter_summary(name: str, config: PrefixPlusConfig, tensors: Mapping[str, Any]) -> AdapterSummary:
@@ -133,14 +134,13 @@ def adapter_summary(name: str, config: PrefixPlusConfig, tensors: Mapping[str, A
     ```
     """
     shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+    listed = getattr(config, "modules_to_save", None) or ()  # PEFT lists the usual head names: classifier, score
+    saved = tuple(module for module in listed if any(f".{module}." in f".{key}" for key in shapes))
     heads = [
-        shape[0]
-        for module in getattr(config, "modules_to_save", None) or ()
-        for key, shape in shapes.items()
-        if key.endswith(f".{module}.weight") and len(shape) == 2
+        s[0] for key, s in shapes.items() for module in saved if key.endswith(f".{module}.weight") and len(s) == 2
     ]
-    num_labels = heads[0] if len(heads) == 1 else None
-    return AdapterSummary(name, config, sum(math.prod(shape) for shape in shapes.values()), num_labels)
+    num_labels = heads[0] if len(heads) == 1 and heads[0] else None
+    return AdapterSummary(name, config, sum(math.prod(shape) for shape in shapes.values()), num_labels, saved)
 
 
 def summaries_from_model(peft_model: Any) -> list[AdapterSummary]:
@@ -241,7 +241,7 @@ def _config_table(summary: AdapterSummary) -> str:
         rows.append(f"| {SITE_NAMES[site]} | {length} | {layers} | {heads} |")
     mlp = merged_from_record(config)
     merged = config.merged_from and ", ".join(f"{key} {_cell(value)}" for key, value in config.merged_from.items())
-    saved = ", ".join(f"`{name}`" for name in getattr(config, "modules_to_save", None) or ())
+    saved = ", ".join(f"`{name}`" for name in summary.saved_modules)
     settings = {
         "Prefixes produced by": f"MLP: depth {mlp['depth']}, width {mlp['hidden_size']}, activation "
         f"`{mlp['activation']}`"
@@ -275,7 +275,7 @@ def _section(
     notes = []
     if base_model and not model_id:
         notes.append(f"The base model was a local directory (`{base_model}`): use its Hub id or your own copy.")
-    saved = ", ".join(f"`{name}`" for name in getattr(root.config, "modules_to_save", None) or ())
+    saved = ", ".join(f"`{name}`" for name in root.saved_modules)
     if saved:
         notes.append(
             f"The adapter also holds the trained weights of {saved} (PEFT's `modules_to_save`), which replace the base "
@@ -288,7 +288,7 @@ def _section(
             tables.append(f"#### Adapter `{summary.name}` ({where})\n")
         tables.append(_config_table(summary))
     rows = "\n".join(f"| {_cell(name)} | {_cell(value)} |" for name, value in (metrics or {}).items())
-    results = f"{METRICS_START}\n### Training results\n\n| Metric | Value |\n|---|---|\n{rows}\n{METRICS_END}\n"
+    results = f"\n{METRICS_START}\n### Training results\n\n| Metric | Value |\n|---|---|\n{rows}\n{METRICS_END}\n"
     try:
         version = metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
