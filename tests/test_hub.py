@@ -378,60 +378,51 @@ def test_model_push_lists_every_adapter_of_the_model(hub, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------- 9. local
 def _bin_only(adapter):
-    safetensors = adapter / "adapter_model.safetensors"
     torch.save({}, adapter / "adapter_model.bin")
-    safetensors.unlink()
+    (adapter / "adapter_model.safetensors").unlink()
 
 
-def _edit_config(adapter, **changes):
-    path = adapter / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+def _config(**changes):
+    def edit(adapter):
+        path = adapter / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
 
 
+def _file(name: str, text: str):
+    return lambda adapter: (adapter.parent / name).write_text(text)
+
+
+GOOD = ["{repo}", "{dir}", "--token", "{token}"]
 BAD_LOCAL_INPUTS = {
-    # case: (how to spoil the adapter dir or the arguments, message)
-    "metrics-missing": (lambda a, args: args.extend(["--metrics", str(a.parent / "missing.json")]), "missing.json"),
-    "metrics-not-json": (
-        lambda a, args: (
-            a.parent.joinpath("m.json").write_text("{"),
-            args.extend(["--metrics", str(a.parent / "m.json")]),
-        ),
-        "not valid JSON",
-    ),
-    "metrics-not-a-mapping": (
-        lambda a, args: (
-            a.parent.joinpath("m.json").write_text("[1]"),
-            args.extend(["--metrics", str(a.parent / "m.json")]),
-        ),
-        "must be a mapping",
-    ),
-    "bin-only": (lambda a, args: _bin_only(a), "only safetensors is supported"),
-    "config-edited": (lambda a, args: _edit_config(a, mlp_depth=2), "mlp_depth is 2"),
-    "not-prefix-plus": (lambda a, args: _edit_config(a, peft_type="LORA"), "peft_type 'LORA'"),
-    "dir-missing": (lambda a, args: args.__setitem__(2, str(a.parent / "nope")), "nope"),
-    "old-argument-order": (
-        lambda a, args: args.__setitem__(slice(1, 3), [str(a), REPO]),
-        "the arguments are REPO_ID then LOCAL_DIR",
-    ),
-    "bad-repo-id": (lambda a, args: args.__setitem__(1, "a/b/c"), "not a valid Hub repo id"),
-    "pr-to-a-branch": (
-        lambda a, args: args.extend(["--create-pr", "--revision", "dev"]),
-        "pull request is opened against main",
-    ),
-    "subfolder-not-an-adapter": (lambda a, args: args.extend(["--adapter", "nope"]), "nope"),
+    # case: (arguments after `push`, what spoils the saved adapter {dir} or its parent {tmp}, expected message)
+    "metrics-missing": ([*GOOD, "--metrics", "{tmp}/missing.json"], None, "missing.json"),
+    "metrics-not-json": ([*GOOD, "--metrics", "{tmp}/m.json"], _file("m.json", "{"), "not valid JSON"),
+    "metrics-not-a-mapping": ([*GOOD, "--metrics", "{tmp}/m.json"], _file("m.json", "[1]"), "must be a mapping"),
+    "bin-only": (GOOD, _bin_only, "only safetensors is supported"),
+    "config-edited": (GOOD, _config(mlp_depth=2), "mlp_depth is 2"),
+    "not-prefix-plus": (GOOD, _config(peft_type="LORA"), "peft_type 'LORA'"),
+    "dir-missing": (["{repo}", "{tmp}/nope"], None, "nope"),
+    "old-argument-order": (["{dir}", "{repo}"], None, "the arguments are REPO_ID then LOCAL_DIR"),
+    "bad-repo-id": (["a/b/c", "{dir}"], None, "not a valid Hub repo id"),
+    "pr-to-a-branch": ([*GOOD, "--create-pr", "--revision", "dev"], None, "pull request is opened against main"),
+    "subfolder-not-an-adapter": ([*GOOD, "--adapter", "nope"], None, "nope"),
+    "adapter-name-is-a-path": ([*GOOD, "--adapter", "../adapter"], None, "is not the name of a subfolder"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_LOCAL_INPUTS))
 def test_bad_local_input_is_refused_before_any_request(hub, tmp_path, capsys, case):
-    spoil, message = BAD_LOCAL_INPUTS[case]
+    args, spoil, message = BAD_LOCAL_INPUTS[case]
     adapter = tmp_path / "adapter"
     prefix_plus_model(tmp_path).save_pretrained(adapter)
-    args = ["push", REPO, str(adapter), "--token", hub.token]
-    spoil(adapter, args)
+    if spoil:
+        spoil(adapter)
     before = tree_digest(tmp_path)
 
-    assert cli_main(args) == 1
+    argv = [arg.format(repo=REPO, dir=adapter, tmp=tmp_path, token=hub.token) for arg in args]
+    assert cli_main(["push", *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert hub.requests == [] and hub.repos == {}  # no repo, no branch: nothing reached the Hub

@@ -284,7 +284,7 @@ def _section(
     tables = []
     for summary in adapters:
         if len(adapters) > 1:
-            where = "repository root" if summary is root else f"subfolder `{summary.name}`"
+            where = "repository root" if summary.name == "default" else f"subfolder `{summary.name}`"
             tables.append(f"#### Adapter `{summary.name}` ({where})\n")
         tables.append(_config_table(summary))
     rows = "\n".join(f"| {_cell(name)} | {_cell(value)} |" for name, value in (metrics or {}).items())

@@ -33,6 +33,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidat
 from huggingface_hub.utils import validate_repo_id
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
+from ..files.errors import AdapterFileError
 from ..files.read import read_prefix_plus_adapter
 from ..model import PrefixPlusModel
 from . import card
@@ -91,7 +92,7 @@ def summaries_from_dir(
         adapter_names (`Sequence[str]`, *optional*): Adapters saved in subfolders of ``directory``.
 
     Raises:
-        AdapterFileError: If an adapter is missing, invalid or not a PrefixPlus adapter.
+        AdapterFileError: If a name is not a plain folder name, or an adapter is missing, invalid or not PrefixPlus.
 
     Example:
 
@@ -100,6 +101,11 @@ def summaries_from_dir(
     ['default', 'other']
     ```
     """
+    for name in adapter_names or ():
+        if name in ("", ".", "..") or os.path.basename(name) != name or (os.altsep and os.altsep in name):
+            raise AdapterFileError(
+                f"{name!r} is not the name of a subfolder: name an adapter saved in a subfolder of {directory}."
+            )
     folders = {"default": os.fspath(directory)}
     folders.update({name: os.path.join(directory, name) for name in adapter_names or () if name != "default"})
     summaries = []
