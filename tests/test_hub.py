@@ -13,6 +13,9 @@ import json
 import logging
 import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub.hf_api
@@ -436,17 +439,28 @@ def test_missing_metrics_creates_no_repo_and_no_branch(hub, tmp_path):
     assert hub.requests == [] and hub.repos == {}
 
 
-def test_unreachable_hub_is_a_clear_error(hub, tmp_path, capsys):
+def test_unreachable_hub_is_a_clear_error(hub, tmp_path, monkeypatch):
     model = prefix_plus_model(tmp_path)
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter)
-    hub.stop()  # connection refused at the endpoint HF_ENDPOINT names
+    with socket.socket() as probe:  # a port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {**os.environ, "HF_ENDPOINT": closed, "HF_TOKEN": hub.token, "HF_HOME": str(tmp_path / "hf_home")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    env.pop("HF_HUB_OFFLINE", None)
 
-    assert cli_main(["push", REPO, str(adapter), "--token", hub.token]) == 1
-    err = capsys.readouterr().err
-    assert "prefix-plus push: error: Could not reach the Hub at http://127.0.0.1:" in err
-    assert "Traceback" not in err and hub.token not in err
+    command = [sys.executable, "-m", "peft_prefix_plus.cli", "push", REPO, str(adapter)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert f"prefix-plus push: error: Could not reach the Hub at {closed} to push {REPO}" in result.stderr
+    assert "Traceback" not in result.stderr and hub.token not in result.stderr + result.stdout
+
+    hub.stop()  # in process too: the fixture's endpoint no longer answers
     with pytest.raises(HubPushError, match="Could not reach the Hub.*Check the network connection and HF_ENDPOINT"):
+        model.push_to_hub(REPO, token=hub.token)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubPushError, match="HF_HUB_OFFLINE is set. Unset it to push. Nothing was sent to the Hub."):
         model.push_to_hub(REPO, token=hub.token)
 
 

@@ -266,10 +266,12 @@ def push_adapter(
             f"Pushing the adapter to {where} failed" + (f" (HTTP {status})" if status else "") + f": {error}\n"
             "The local adapter files were not changed; nothing was committed by this push."
         ) from error
-    except (httpx2.TransportError, OfflineModeIsEnabled) as error:
+    except OfflineModeIsEnabled as error:
+        raise HubPushError(f"Cannot push {where}: HF_HUB_OFFLINE is set. Unset it to push. {NOTHING_SENT}") from error
+    except httpx2.TransportError as error:
         raise HubPushError(
             f"Could not reach the Hub at {constants.ENDPOINT} to push {where}: {error}. Check the network connection "
-            "and HF_ENDPOINT (or unset HF_HUB_OFFLINE); nothing was committed and the local files were not changed."
+            "and HF_ENDPOINT; nothing was committed and the local files were not changed."
         ) from error
 
 
