@@ -31,6 +31,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from peft.utils import get_peft_model_state_dict
 
 from ..config import PrefixPlusConfig
 from ..geometry import adapter_geometry, is_encoder_decoder
@@ -149,8 +150,6 @@ def summaries_from_model(peft_model: Any) -> list[AdapterSummary]:
     Args:
         peft_model (`peft.PeftModel`): A model whose adapters are PrefixPlus adapters.
     """
-    from peft.utils import get_peft_model_state_dict
-
     names = sorted(peft_model.peft_config, key=lambda name: name != "default")
     return [
         adapter_summary(name, peft_model.peft_config[name], get_peft_model_state_dict(peft_model, adapter_name=name))
