@@ -239,13 +239,11 @@ def _config_table(summary: AdapterSummary) -> str:
             layers = ", ".join(map(str, where.layer_indices)) + f" (of {where.num_layers})"
         rows.append(f"| {SITE_NAMES[site]} | {length} | {layers} | {heads} |")
     mlp = merged_from_record(config)
+    mlp = f"MLP: depth {mlp['depth']}, width {mlp['hidden_size']}, activation `{mlp['activation']}`"
     merged = config.merged_from and ", ".join(f"{key} {_cell(value)}" for key, value in config.merged_from.items())
     saved = ", ".join(f"`{name}`" for name in summary.saved_modules)
     settings = {
-        "Prefixes produced by": f"MLP: depth {mlp['depth']}, width {mlp['hidden_size']}, activation "
-        f"`{mlp['activation']}`"
-        if config.prefix_projection
-        else "raw (no MLP)",
+        "Prefixes produced by": mlp if config.prefix_projection else "raw (no MLP)",
         "MLP merged into raw prefixes": f"yes, from {merged}" if merged else "no",
         "Trainable parameters": "unknown" if summary.num_parameters is None else f"{summary.num_parameters:,}",
         "Task type": f"`{_task(config)}`" if _task(config) else "not set",
