@@ -27,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 #: Attention implementations PrefixPlus can wrap, and the name of the wrapper registered for each.
 WRAPPED_IMPLEMENTATIONS = {"eager": "prefix_plus_eager", "sdpa": "prefix_plus_sdpa"}
+UNWRAPPED_IMPLEMENTATIONS = {wrapper: name for name, wrapper in WRAPPED_IMPLEMENTATIONS.items()}
 _PROBE = "prefix_plus_probe"
 _ROUTE_ATTR = "_prefix_plus_route"
 
@@ -56,27 +57,50 @@ def _base_function(module: nn.Module, implementation: str) -> Callable:
 
 
 def _extend_mask(
-    mask: Optional[torch.Tensor], length: int, query: torch.Tensor, key: torch.Tensor, causal: bool, boolean: bool
+    mask: Optional[torch.Tensor],
+    length: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    causal: bool,
+    boolean: bool,
+    columns: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
-    """Add ``length`` "attend" columns in front of ``mask`` (boolean or additive float)."""
+    """Add ``length`` prefix columns in front of ``mask`` (boolean or additive float).
+
+    The prefix columns are "attend", or, when ``columns`` (``(batch, length)``, boolean) is given, what it says per
+    row. A ``None`` mask is given the meaning the wrapped function gives it. Eager attention applies no mask at all,
+    so ``None`` stays ``None``. sdpa (``boolean=True``) applies its own ``is_causal``, which is aligned to the top left
+    and used only for more than one query; the wrapper has already dropped keys past the last query, so here top
+    left and bottom right coincide and the prefix columns go in front of a square causal mask.
+    """
+    q_len, k_len = query.shape[2], key.shape[2]
     if mask is None:
-        q_len, k_len = query.shape[2], key.shape[2]
-        if not causal or q_len == 1:
+        if boolean and causal and q_len > 1:
+            # only the queries' own keys remain (see above), so row i sees the prefix and keys 0..i
+            rows = torch.arange(q_len, device=query.device)[:, None] + (length + k_len - q_len)
+            allowed = (torch.arange(length + k_len, device=query.device)[None, :] <= rows)[None, None]
+        elif columns is None:
             return None
-        # sdpa would align `is_causal` to the top left of the longer key; build the bottom-right causal mask over
-        # prefix and keys instead
-        rows = torch.arange(q_len, device=query.device)[:, None] + (length + k_len - q_len)
-        allowed = (torch.arange(length + k_len, device=query.device)[None, :] <= rows)[None, None]
+        else:
+            allowed = torch.ones((1, 1, 1, length + k_len), dtype=torch.bool, device=query.device)
+        if columns is not None:
+            allowed = allowed & nn.functional.pad(columns, (0, k_len), value=True)[:, None, None, :]
         if boolean:
             return allowed
         return torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~allowed, torch.finfo(query.dtype).min
         )
-    if mask.dtype == torch.bool:
-        columns = mask.new_ones((*mask.shape[:-1], length))
-    else:
-        columns = mask.new_zeros((*mask.shape[:-1], length))
-    return torch.cat([columns, mask], dim=-1)
+    if columns is None:
+        prefix = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
+        return torch.cat([prefix((*mask.shape[:-1], length)), mask], dim=-1)
+    batch = max(mask.shape[0], columns.shape[0])
+    mask = mask.expand(batch, *mask.shape[1:])
+    allowed = columns[:, None, None, :].expand(batch, *mask.shape[1:-1], length)
+    if mask.dtype != torch.bool:
+        allowed = torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+            ~allowed, torch.finfo(mask.dtype).min
+        )
+    return torch.cat([allowed, mask], dim=-1)
 
 
 #: Keyword arguments the decode path below understands; anything else (soft-capping, attention sinks, ...) goes
@@ -105,13 +129,14 @@ def _decode_attention(
     Args:
         query (`torch.Tensor`): ``(batch, heads, 1, head_dim)``.
         key, value (`torch.Tensor`): The cache, ``(batch, kv_heads, length, head_dim)``.
-        prefix_keys, prefix_values (`torch.Tensor`): ``(kv_heads, prefix_length, head_dim)``.
+        prefix_keys, prefix_values (`torch.Tensor`): ``(kv_heads, prefix_length, head_dim)``, or with a leading
+            batch dimension when the rows of a batch use different adapters.
         attention_mask (`torch.Tensor`, *optional*): Boolean or additive, already extended over the prefix.
         scaling (`float`, *optional*): Score scale, ``head_dim ** -0.5`` by default.
         position_bias (`torch.Tensor`, *optional*): T5's additive bias over the cache.
     """
     batch, heads, q_len, head_dim = query.shape
-    kv_heads, length = key.shape[1], prefix_keys.shape[1]
+    kv_heads, length = key.shape[1], prefix_keys.shape[-2]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads * q_len, head_dim)
     scale = head_dim**-0.5 if scaling is None else scaling
     scores = torch.cat([grouped @ prefix_keys.transpose(-1, -2), grouped @ key.transpose(-1, -2)], dim=-1)
@@ -139,19 +164,33 @@ def _make_prefix_attention(implementation: str) -> Callable:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         route = getattr(module, _ROUTE_ATTR, None)
+        if route is not None and route[0].capture is not None:  # text initialisation records the states
+            route[0].capture[(route[1], route[2])] = (key, value)
         prefix = None if route is None else route[0].prefix_for(route[1], route[2])
         if prefix is None:
             return _base_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
         layer = route[0]
         prefix_keys = prefix[0].to(device=key.device, dtype=key.dtype)
         prefix_values = prefix[1].to(device=value.device, dtype=value.dtype)
-        length = prefix_keys.shape[1]
-        causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+        columns = prefix[2]  # per-row prefix columns of a batch that mixes adapters, else None
+        length = prefix_keys.shape[-2]
+        # the default transformers' sdpa function uses when the call does not say
+        causal = kwargs.get("is_causal")
+        causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+        if attention_mask is None and implementation == "sdpa" and causal and 1 < query.shape[2] < key.shape[2]:
+            # transformers passes no mask with more keys than queries only when sdpa's top-left `is_causal` is exact:
+            # prefill into an empty pre-allocated (static) cache, whose slots past the last query are empty. A mask
+            # aligned to the bottom right would attend to them; drop them, as transformers' sdpa function does.
+            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+            if kwargs.get("position_bias") is not None:
+                kwargs["position_bias"] = kwargs["position_bias"][..., : query.shape[2]]
         # every layer of a forward pass gets the same mask: extend it once
-        geometry = (length, query.shape[2], key.shape[2], causal, implementation)
+        geometry = (length, query.shape[2], key.shape[2], causal, implementation, id(columns))
         found, extended = layer.memo(attention_mask, geometry)
         if not found:
-            extended = _extend_mask(attention_mask, length, query, key, causal, boolean=implementation == "sdpa")
+            extended = _extend_mask(
+                attention_mask, length, query, key, causal, boolean=implementation == "sdpa", columns=columns
+            )
             layer.remember(attention_mask, geometry, extended)
         if query.shape[2] == 1 and not module.training and kwargs.keys() <= _DECODE_KWARGS:
             return _decode_attention(query, key, value, prefix_keys, prefix_values, extended, **kwargs)
@@ -159,8 +198,8 @@ def _make_prefix_attention(implementation: str) -> Callable:
         if position_bias is not None:
             kwargs["position_bias"] = nn.functional.pad(position_bias, (length, 0))
         batch = key.shape[0]
-        key = torch.cat([prefix_keys.expand(batch, -1, -1, -1), key], dim=2)
-        value = torch.cat([prefix_values.expand(batch, -1, -1, -1), value], dim=2)
+        key = torch.cat([prefix_keys.expand(batch, *prefix_keys.shape[-3:]), key], dim=2)
+        value = torch.cat([prefix_values.expand(batch, *prefix_values.shape[-3:]), value], dim=2)
         return _base_function(module, implementation)(module, query, key, value, extended, **kwargs)
 
     prefix_attention.__name__ = f"prefix_plus_{implementation}_attention"
@@ -193,6 +232,30 @@ def model_configs(model: nn.Module) -> list[Any]:
         if config is not None and hasattr(config, "_attn_implementation"):
             configs.setdefault(id(config), config)
     return list(configs.values())
+
+
+def wrap_attention_implementation(config: Any) -> None:
+    """Switch one config to the PrefixPlus wrapper of its attention implementation.
+
+    Raises:
+        ValueError: If the implementation is neither eager, sdpa nor already wrapped.
+    """
+    implementation = config._attn_implementation
+    if implementation in UNWRAPPED_IMPLEMENTATIONS:
+        return
+    if implementation not in WRAPPED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"The model's attention implementation is {implementation!r}; PrefixPlus supports 'eager' and 'sdpa'. "
+            "Switch with `model.set_attn_implementation('sdpa')` (or 'eager')."
+        )
+    config._attn_implementation = WRAPPED_IMPLEMENTATIONS[implementation]
+
+
+def unwrap_attention_implementations(model: nn.Module) -> None:
+    """Give every config of ``model`` back the attention implementation its PrefixPlus wrapper stands for."""
+    for config in model_configs(model):
+        if config._attn_implementation in UNWRAPPED_IMPLEMENTATIONS:
+            config._attn_implementation = UNWRAPPED_IMPLEMENTATIONS[config._attn_implementation]
 
 
 def set_attention_implementation(model: nn.Module, implementations: dict[int, str]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -17,7 +17,7 @@ _add_peft_type_member(PEFT_TYPE_NAME)
 #: The attention sites a PrefixPlus adapter can reach. ``"self"`` is the self-attention of a decoder-only or
 #: encoder-only model, and the decoder self-attention of an encoder-decoder model.
 SITES: tuple[str, ...] = ("self", "encoder", "cross")
-INIT_WEIGHTS = ("random", "zero")
+INIT_WEIGHTS = ("random", "zero", "text")
 
 
 @dataclass
@@ -37,8 +37,7 @@ class PrefixPlusConfig(PeftConfig):
             encoder-decoder model. `None` means `num_virtual_tokens`, `0` means no cross-attention prefix.
         prefix_projection (`bool`): Produce the prefixes with an MLP (the paper's reparametrisation). `False` trains
             the raw prefixes directly.
-        mlp_hidden_size (`int`, *optional*): Width of each hidden layer of the MLP; `None` means the model's hidden
-            size.
+        mlp_hidden_size (`int`, *optional*): Width of each hidden layer of the MLP; `None` means `token_dim`.
         mlp_depth (`int`): Number of hidden layers of the MLP; 1 is the paper and stock PEFT.
         mlp_activation (`str`): Activation between MLP layers, a key of `transformers.activations.ACT2FN`.
         prefix_dropout (`float`): Dropout applied to the produced prefixes, in training only.
@@ -46,14 +45,24 @@ class PrefixPlusConfig(PeftConfig):
             stack (encoder or decoder). `None` means all layers.
         offset_position_ids (`bool`): If `True`, the position ids of real tokens start at the prefix length, as in
             stock PEFT prefix tuning (needed for identical outputs). Decoder-only models only.
-        init_weights (`str`): `"random"` or `"zero"`. `"zero"` makes the initial prefixes zero: with a projection
-            the last MLP layer starts at zero, otherwise the raw prefixes do. Note that zero keys still receive
-            attention, so a zero prefix is not an identity.
+        init_weights (`str`): `"random"`, `"zero"` or `"text"`. `"zero"` makes the initial prefixes zero: with a
+            projection the last MLP layer starts at zero, otherwise the raw prefixes do. Note that zero keys still
+            receive attention, so a zero prefix is not an identity. `"text"` (Li & Liang's initialisation from real
+            words) runs the base model once on `init_text` and makes the keys and values every attention layer
+            computes for it the initial prefixes, at every site; with a projection they are kept as a fixed
+            `prefix_init` buffer that the MLP, whose last layer starts at zero, learns to correct.
+        init_text (`str`, *optional*): The text for `init_weights="text"`. Its tokens are repeated cyclically, or
+            truncated, to the configured prefix length.
+        tokenizer_name_or_path (`str`, *optional*): The tokenizer for `init_text`; `None` means the base model's
+            `name_or_path`.
         site_shapes (`dict`, *optional*): Filled in by PrefixPlus when the adapter is created: for each site, the
             number of layers, key/value heads and head dimension of the model. Used to check that an adapter is
             loaded onto a matching model and to merge or inspect an adapter without the model.
-        token_dim (`int`, *optional*): Input width of the MLP (the model's hidden size); filled in when the adapter
-            is created.
+        token_dim (`int`, *optional*): Input width of the MLP (and, unless `mlp_hidden_size` is set, its hidden
+            width). `None` means the key/value width of the model's self-attention, `num_key_value_heads * head_dim`,
+            as stock PEFT does; that is the hidden size except on grouped-query models. Filled in when the adapter is
+            created and saved with it, so adapters keep the width they were trained with. peft-prefix-plus 0.1.0
+            used the hidden size: set `token_dim` to the model's hidden size to get that behaviour back.
         merged_from (`dict`, *optional*): Set by `merge_mlp`: the MLP shape the raw prefixes were produced by.
 
     Example:
@@ -91,7 +100,7 @@ class PrefixPlusConfig(PeftConfig):
         default=True, metadata={"help": "Produce prefixes with an MLP; False trains raw prefixes directly."}
     )
     mlp_hidden_size: Optional[int] = field(
-        default=None, metadata={"help": "Width of each MLP hidden layer; None means the model's hidden size."}
+        default=None, metadata={"help": "Width of each MLP hidden layer; None means token_dim."}
     )
     mlp_depth: int = field(default=1, metadata={"help": "Number of MLP hidden layers (1 = the paper and stock PEFT)."})
     mlp_activation: str = field(
@@ -105,15 +114,33 @@ class PrefixPlusConfig(PeftConfig):
         default=False,
         metadata={"help": "Real tokens' position ids start at the prefix length, as in stock PEFT (decoder-only)."},
     )
-    init_weights: Literal["random", "zero"] = field(
-        default="random", metadata={"help": 'Initialisation of the prefixes: "random" or "zero".'}
+    init_weights: Literal["random", "zero", "text"] = field(
+        default="random",
+        metadata={
+            "help": 'Initialisation of the prefixes: "random", "zero", or "text" (the key/value states of the base '
+            "model on `init_text`)."
+        },
+    )
+    init_text: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": 'Text for init_weights="text"; its tokens are repeated cyclically or truncated to the prefix length.'
+        },
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tokenizer for init_text; None means the base model's name_or_path."},
     )
     site_shapes: Optional[dict[str, dict[str, int]]] = field(
         default=None,
         metadata={"help": "Filled in at creation: per site, num_layers, num_key_value_heads and head_dim."},
     )
     token_dim: Optional[int] = field(
-        default=None, metadata={"help": "Filled in at creation: the model's hidden size, input width of the MLP."}
+        default=None,
+        metadata={
+            "help": "Input width of the MLP. None: the self-attention's key/value width (num_key_value_heads * "
+            "head_dim), as stock PEFT; filled in at creation and saved."
+        },
     )
     merged_from: Optional[dict] = field(
         default=None, metadata={"help": "Set by merge_mlp: the MLP shape the raw prefixes were produced by."}
@@ -127,36 +154,45 @@ class PrefixPlusConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PeftType[PEFT_TYPE_NAME]
         self.target_modules = DUMMY_TARGET_MODULES
-        for name in ("num_virtual_tokens", "encoder_num_virtual_tokens", "cross_num_virtual_tokens"):
-            value = getattr(self, name)
-            if value is None and name != "num_virtual_tokens":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+        _check_int("num_virtual_tokens", self.num_virtual_tokens, minimum=0)
+        for name in ("encoder_num_virtual_tokens", "cross_num_virtual_tokens", "mlp_hidden_size", "token_dim"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=0 if "virtual" in name else 1)
+        for name in ("prefix_projection", "offset_position_ids"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.prefix_projection:
             if isinstance(self.mlp_depth, bool) or not isinstance(self.mlp_depth, int) or self.mlp_depth < 1:
                 raise ValueError(
                     f"`mlp_depth` must be an integer >= 1 when `prefix_projection=True`, got {self.mlp_depth!r}. "
                     "Use `prefix_projection=False` for raw prefixes without an MLP."
                 )
-            if self.mlp_hidden_size is not None and (
-                not isinstance(self.mlp_hidden_size, int) or self.mlp_hidden_size < 1
-            ):
-                raise ValueError(
-                    f"`mlp_hidden_size` must be a positive integer or None, got {self.mlp_hidden_size!r}."
-                )
-            if self.mlp_activation not in ACT2FN:
+            if not isinstance(self.mlp_activation, str) or self.mlp_activation not in ACT2FN:
                 raise ValueError(
                     f"Unknown `mlp_activation` {self.mlp_activation!r}; use a name from "
                     f"transformers.activations.ACT2FN, e.g. 'tanh', 'gelu', 'relu' or 'silu'."
                 )
-        if not 0.0 <= float(self.prefix_dropout) < 1.0:
-            raise ValueError(f"`prefix_dropout` must be in [0, 1), got {self.prefix_dropout!r}.")
-        if self.init_weights not in INIT_WEIGHTS:
+        dropout = self.prefix_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`prefix_dropout` must be a number in [0, 1), got {dropout!r}.")
+        if not isinstance(self.init_weights, str) or self.init_weights not in INIT_WEIGHTS:
             raise ValueError(f"`init_weights` must be one of {INIT_WEIGHTS}, got {self.init_weights!r}.")
+        if self.init_weights == "text":
+            if not isinstance(self.init_text, str) or not self.init_text.strip():
+                raise ValueError('`init_weights="text"` needs `init_text`, a non-empty string to initialise from.')
+        elif self.init_text is not None:
+            raise ValueError(
+                f'`init_text` is only used with `init_weights="text"`, got init_weights={self.init_weights!r}.'
+            )
+        if self.tokenizer_name_or_path is not None and not isinstance(self.tokenizer_name_or_path, str):
+            raise ValueError(f"`tokenizer_name_or_path` must be a string, got {self.tokenizer_name_or_path!r}.")
         if self.layers_to_transform is not None:
-            if isinstance(self.layers_to_transform, int):
+            if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
                 self.layers_to_transform = [self.layers_to_transform]
+            if not isinstance(self.layers_to_transform, (list, tuple)):
+                raise ValueError(
+                    f"`layers_to_transform` must be a list of layer indices, got {self.layers_to_transform!r}."
+                )
             layers = list(self.layers_to_transform)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
                 raise ValueError(
@@ -165,6 +201,10 @@ class PrefixPlusConfig(PeftConfig):
             if len(set(layers)) != len(layers):
                 raise ValueError(f"`layers_to_transform` contains duplicates: {layers!r}.")
             self.layers_to_transform = sorted(layers)
+        if self.site_shapes is not None:
+            _check_site_shapes(self.site_shapes)
+        if self.merged_from is not None and not isinstance(self.merged_from, dict):
+            raise ValueError(f"`merged_from` must be a dict (set by merge_mlp) or None, got {self.merged_from!r}.")
 
     def site_lengths(self, is_encoder_decoder: bool) -> dict[str, int]:
         """Prefix length of each site that exists for this kind of model (lengths may be 0).
@@ -191,3 +231,29 @@ class PrefixPlusConfig(PeftConfig):
             "hidden_size": self.mlp_hidden_size or self.token_dim,
             "activation": self.mlp_activation,
         }
+
+
+_SHAPE_FIELDS = ("num_layers", "num_key_value_heads", "head_dim")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    """Refuse anything but an integer >= ``minimum`` (booleans and numeric strings included), naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a non-negative integer" if minimum == 0 else "a positive integer"
+        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
+
+
+def _check_site_shapes(site_shapes: Any) -> None:
+    """`site_shapes` as PrefixPlus writes it: per known site, positive `num_layers`, `num_key_value_heads`, `head_dim`."""
+    if not isinstance(site_shapes, dict) or not site_shapes:
+        raise ValueError(
+            f"`site_shapes` must map sites {SITES} to their shapes, got {site_shapes!r}. It is filled in when the "
+            "adapter is created; if adapter_config.json was edited by hand, restore it from the saved adapter."
+        )
+    for site, shape in site_shapes.items():
+        if site not in SITES:
+            raise ValueError(f"`site_shapes` names an unknown site {site!r}; sites are {SITES}.")
+        if not isinstance(shape, dict) or set(shape) != set(_SHAPE_FIELDS):
+            raise ValueError(f"`site_shapes[{site!r}]` must have exactly the keys {_SHAPE_FIELDS}, got {shape!r}.")
+        for key in _SHAPE_FIELDS:
+            _check_int(f"site_shapes[{site!r}][{key!r}]", shape[key], minimum=1)

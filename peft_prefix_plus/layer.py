@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -10,6 +11,12 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .config import PrefixPlusConfig
+
+MERGE_INTO_WEIGHTS_MESSAGE = (
+    "PrefixPlus prefixes cannot be merged into the base model's weights: a prefix adds key/value columns to every "
+    "attention call, which no weight matrix can express. Use `merge_mlp()` to replace the prefix MLP by the raw "
+    "prefixes it produces (exact, and the usual step before deployment), or `unload()` to get the base model back."
+)
 
 
 def build_mlp(token_dim: int, hidden_size: int, depth: int, activation: str, out_features: int) -> nn.Sequential:
@@ -57,6 +64,34 @@ def site_layout(flat: torch.Tensor, shape: tuple[int, int, int, int, int]) -> to
     return flat.view(length, num_layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4)
 
 
+def tensor_mismatches(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> list[str]:
+    """What differs between the tensors a config calls for and those saved: missing, unexpected, other shapes.
+
+    Args:
+        expected (`dict[str, tuple]`): Name to shape, from the encoders the config builds.
+        found (`dict[str, tuple]`): Name to shape, as saved.
+
+    Example:
+
+    ```py
+    >>> tensor_mismatches({"self.prefix": (2, 2, 2, 4, 8)}, {"self.prefix": (2, 2, 2, 5, 8)})
+    ['self.prefix has shape (2, 2, 2, 5, 8), the config calls for (2, 2, 2, 4, 8)']
+    ```
+    """
+    problems = []
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing {missing}")
+    if unexpected:
+        problems.append(f"not called for by the config {unexpected}")
+    problems += [
+        f"{name} has shape {found[name]}, the config calls for {shape}"
+        for name, shape in expected.items()
+        if name in found and tuple(found[name]) != tuple(shape)
+    ]
+    return problems
+
+
 class PrefixSiteEncoder(nn.Module):
     """Produces the key/value prefixes of one attention site (e.g. decoder self-attention) for all its layers.
 
@@ -98,9 +133,12 @@ class PrefixSiteEncoder(nn.Module):
             self.embedding = nn.Embedding(num_virtual_tokens, config.token_dim)
             hidden = config.mlp_hidden_size or config.token_dim
             self.mlp = build_mlp(config.token_dim, hidden, config.mlp_depth, config.mlp_activation, out_features)
-            if config.init_weights == "zero":
+            if config.init_weights in ("zero", "text"):
                 nn.init.zeros_(self.mlp[-1].weight)
                 nn.init.zeros_(self.mlp[-1].bias)
+            if config.init_weights == "text":
+                # the MLP learns a correction to the prefix captured from the text, which is saved with the adapter
+                self.register_buffer("prefix_init", torch.zeros(self.shape))
         else:
             self.prefix = nn.Parameter(torch.empty(self.shape))
             if config.init_weights == "zero":
@@ -117,7 +155,19 @@ class PrefixSiteEncoder(nn.Module):
         """Run the MLP (or return the raw prefix), without dropout."""
         if not self.is_projected:
             return self.prefix
-        return site_layout(self.mlp(self.embedding.weight), self.shape)
+        out = site_layout(self.mlp(self.embedding.weight), self.shape)
+        return out + self.prefix_init if hasattr(self, "prefix_init") else out
+
+    @torch.no_grad()
+    def set_initial_prefix(self, prefix: torch.Tensor) -> None:
+        """Make ``prefix`` (in the site layout) the prefix this encoder produces now: the raw prefix itself, or the
+        fixed part of an MLP whose last layer is zero (text initialisation).
+
+        Args:
+            prefix (`torch.Tensor`): Shape ``(num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``.
+        """
+        target = self.prefix_init if self.is_projected else self.prefix
+        target.copy_(prefix.to(device=target.device, dtype=target.dtype))
 
     def forward(self) -> torch.Tensor:
         return self.dropout(self.project())
@@ -140,12 +190,24 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         # site -> [(layer index -> slot, per slot the (keys, values) of one adapter)], valid for the current pass
         self._prefixes: dict[str, list[tuple[dict[int, int], list[tuple[torch.Tensor, ...]]]]] = {}
+        # site -> layer index -> (keys, values, columns) for a batch that mixes adapters, valid for the current pass
+        self._row_prefixes: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        # (site, layer index) -> (keys, values) while text initialisation runs the base model
+        self.capture: Optional[dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]] = None
+        # one adapter name per input row while a call with `adapter_names` runs (see PrefixPlusModel)
+        self.row_adapters: Optional[list[str]] = None
         # set by PrefixPlusModel when the model uses activation checkpointing
         self.checkpointing = False
         # (id of the input mask, geometry) -> (input mask, extended mask) in the current forward pass, for all layers
         self._masks: dict[tuple, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
         # device of the attention layers of each site, where its prefix encoders live
         self.site_devices: dict[str, torch.device] = {}
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise NotImplementedError(MERGE_INTO_WEIGHTS_MESSAGE)
+
+    def unmerge(self) -> None:
+        """Nothing to do: prefixes are never merged into weights."""
 
     def update_layer(
         self,
@@ -173,6 +235,40 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         self.prefix_plus_sites[adapter_name] = sites
         self._move_adapter_to_device_of_base_layer(adapter_name)
 
+    def check_saved_weights(self, adapter_name: str, found: dict[str, torch.Tensor]) -> None:
+        """Refuse saved weights that do not match the adapter's config; warn about NaN/Inf. Called by PEFT's loading.
+
+        PEFT loads an adapter with ``strict=False`` and only warns about missing keys, so a hand-edited
+        `adapter_config.json` (another `mlp_depth`, `prefix_projection`, length or site) would load as a randomly
+        initialised adapter. The weights are compared with the real encoders the config built.
+
+        Args:
+            adapter_name (`str`): The adapter being loaded.
+            found (`dict[str, torch.Tensor]`): Its saved PrefixPlus tensors, keyed ``<site>.<parameter>``.
+
+        Raises:
+            ValueError: Naming every missing, unexpected, reshaped or non-floating-point tensor.
+        """
+        expected = {name: tuple(t.shape) for name, t in self.prefix_plus_sites[adapter_name].state_dict().items()}
+        problems = tensor_mismatches(expected, {name: tuple(t.shape) for name, t in found.items()})
+        problems += [f"{name} has dtype {t.dtype}" for name, t in found.items() if not t.is_floating_point()]
+        if problems:
+            raise ValueError(
+                f"The saved weights of PrefixPlus adapter {adapter_name!r} do not match its config: "
+                f"{'; '.join(problems)}. The adapter_config.json does not describe these weights (edited by hand, or "
+                "copied from another adapter); restore the config that was saved with them."
+            )
+        for name, tensor in found.items():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                warnings.warn(
+                    f"PrefixPlus adapter {adapter_name!r}: {name} holds {bad} non-finite value(s) (NaN/Inf), so the "
+                    "model's outputs will be NaN. The adapter file is corrupt or training diverged; "
+                    "`prefix-plus inspect` shows where.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move the prefix encoders of ``adapter_name`` to the device of their site's attention layers."""
         for site, encoder in self.prefix_plus_sites[adapter_name].items():
@@ -181,15 +277,22 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
             if target is not None and not any(p.is_meta for p in encoder.parameters()):
                 encoder.to(target)
 
-    def refresh(self, sites: tuple[str, ...]) -> None:
+    def refresh(self, sites: tuple[str, ...], rows: Optional[list[str]] = None) -> None:
         """Compute the prefixes of ``sites`` for the coming forward pass: once per site and adapter, all layers at once.
 
         Args:
             sites (`tuple[str, ...]`): The sites to compute.
+            rows (`list[str]`, *optional*): One adapter name per batch row (``"__base__"`` for none), for a batch that
+                mixes adapters; `None` gives every row the active adapters' prefixes.
         """
         for site in sites:
             self._prefixes.pop(site, None)
+            self._row_prefixes.pop(site, None)
         if self.disable_adapters:
+            return
+        if rows is not None:
+            for site in sites:
+                self._refresh_rows(site, rows)
             return
         for site in sites:
             # Split into per-layer keys and values once, with `unbind`: its backward gathers the gradients of all
@@ -201,6 +304,35 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
             ]
             if entries:
                 self._prefixes[site] = entries
+
+    def _refresh_rows(self, site: str, rows: list[str]) -> None:
+        """Per layer, batched prefixes in which each row holds its own adapter's prefix, padded to the longest with
+        columns that no query attends to."""
+        encoders = {
+            name: self.prefix_plus_sites[name][site]
+            for name in dict.fromkeys(rows)
+            if name in self.prefix_plus_sites and site in self.prefix_plus_sites[name]
+        }
+        if not encoders:
+            return
+        produced = {name: [pair.unbind(0) for pair in encoder().unbind(0)] for name, encoder in encoders.items()}
+        sample = next(iter(produced.values()))[0][0]
+        kv_heads, head_dim = sample.shape[0], sample.shape[2]
+        width = max(encoder.shape[3] for encoder in encoders.values())
+        batch_rows = {name: [i for i, row in enumerate(rows) if row == name] for name in encoders}
+        per_layer: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for name, encoder in encoders.items():
+            for layer, slot in encoder.slots.items():
+                if layer not in per_layer:
+                    keys = sample.new_zeros((len(rows), kv_heads, width, head_dim))
+                    columns = torch.zeros((len(rows), width), dtype=torch.bool, device=sample.device)
+                    per_layer[layer] = (keys, torch.zeros_like(keys), columns)
+                keys, values, columns = per_layer[layer]
+                length, index = encoder.shape[3], batch_rows[name]
+                keys[index, :, :length] = produced[name][slot][0]
+                values[index, :, :length] = produced[name][slot][1]
+                columns[index, :length] = True
+        self._row_prefixes[site] = per_layer
 
     def _produce(self, encoder: PrefixSiteEncoder) -> torch.Tensor:
         prefix = encoder()
@@ -220,12 +352,16 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
             if name in self.prefix_plus_sites and site in self.prefix_plus_sites[name]
         ]
 
-    def prefix_for(self, site: str, layer: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """The ``(keys, values)`` prefix of layer ``layer`` of ``site`` for this forward pass, or ``None``.
+    def prefix_for(self, site: str, layer: int) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """The ``(keys, values, columns)`` prefix of layer ``layer`` of ``site`` for this forward pass, or ``None``.
 
-        Each has shape ``(num_key_value_heads, prefix_length, head_dim)``. Several active adapters contribute their
-        prefixes one after the other.
+        Keys and values have shape ``(num_key_value_heads, prefix_length, head_dim)``, shared by every row; several
+        active adapters contribute their prefixes one after the other, and ``columns`` is `None`. In a batch that
+        mixes adapters (``adapter_names``) they have shape ``(batch, num_key_value_heads, prefix_length, head_dim)``
+        and ``columns``, ``(batch, prefix_length)``, says which prefix columns of each row may be attended to.
         """
+        if site in self._row_prefixes:
+            return self._row_prefixes[site].get(layer)
         keys, values = [], []
         for slots, pairs in self._prefixes.get(site, ()):
             slot = slots.get(layer)
@@ -235,8 +371,8 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         if not keys:
             return None
         if len(keys) == 1:
-            return keys[0], values[0]
-        return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+            return keys[0], values[0], None
+        return torch.cat(keys, dim=1), torch.cat(values, dim=1), None
 
     def active_length(self, site: str) -> int:
         """Total prefix length of the active adapters at ``site`` (0 when disabled)."""
@@ -244,9 +380,20 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
             return 0
         return sum(encoder.shape[3] for encoder in self._active_encoders(site))
 
-    def clear(self) -> None:
-        """Drop the prefixes of the last forward pass (and the autograd graph they hold)."""
-        self._prefixes.clear()
+    def adapter_length(self, adapter_name: str, site: str) -> int:
+        """Prefix length of one adapter at ``site`` (0 for ``"__base__"`` or an adapter without that site)."""
+        sites = self.prefix_plus_sites[adapter_name] if adapter_name in self.prefix_plus_sites else {}  # noqa: SIM401
+        return sites[site].shape[3] if site in sites else 0
+
+    def clear(self, sites: Optional[tuple[str, ...]] = None) -> None:
+        """Drop the prefixes of the last forward pass (and the autograd graph they hold) and the extended masks.
+
+        Args:
+            sites (`tuple[str, ...]`, *optional*): Drop only these sites' prefixes; `None` drops all.
+        """
+        for site in list(self._prefixes) + list(self._row_prefixes) if sites is None else sites:
+            self._prefixes.pop(site, None)
+            self._row_prefixes.pop(site, None)
         self._masks.clear()
 
     def begin_pass(self) -> None:

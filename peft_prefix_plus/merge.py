@@ -29,7 +29,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @torch.no_grad()
 def project_in_float32(
-    embedding: torch.Tensor, mlp: nn.Sequential, shape: tuple[int, int, int, int, int], dtype: torch.dtype
+    embedding: torch.Tensor,
+    mlp: nn.Sequential,
+    shape: tuple[int, int, int, int, int],
+    dtype: torch.dtype,
+    offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run a prefix MLP once in float32 and return the raw prefix in the site layout, cast to ``dtype``.
 
@@ -40,6 +44,8 @@ def project_in_float32(
         mlp (`nn.Sequential`): The prefix MLP (see `peft_prefix_plus.layer.build_mlp`).
         shape (`tuple`): The site shape ``(num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``.
         dtype (`torch.dtype`): The dtype of the result (the dtype of the adapter's parameters).
+        offset (`torch.Tensor`, *optional*): A fixed prefix the MLP's output is added to (text initialisation's
+            `prefix_init`), in the site layout.
 
     Returns:
         `torch.Tensor`: The raw prefix of shape ``shape``, contiguous.
@@ -51,8 +57,10 @@ def project_in_float32(
     ```
     """
     # fresh, aligned memory: loaded (memory-mapped) tensors could otherwise take another matmul path
-    out = mlp.float()(embedding.to(torch.float32, copy=True))
-    return site_layout(out, shape).contiguous().to(dtype)
+    out = site_layout(mlp.float()(embedding.to(torch.float32, copy=True)), shape)
+    if offset is not None:
+        out = out + offset.to(device=out.device, dtype=torch.float32)
+    return out.contiguous().to(dtype)
 
 
 def merge_site_encoder(encoder: PrefixSiteEncoder) -> bool:
@@ -76,9 +84,12 @@ def merge_site_encoder(encoder: PrefixSiteEncoder) -> bool:
     if not encoder.is_projected:
         return False
     last = encoder.mlp[-1].weight
-    raw = project_in_float32(encoder.embedding.weight, copy.deepcopy(encoder.mlp), encoder.shape, last.dtype)
+    offset = getattr(encoder, "prefix_init", None)
+    raw = project_in_float32(encoder.embedding.weight, copy.deepcopy(encoder.mlp), encoder.shape, last.dtype, offset)
     requires_grad = last.requires_grad
     del encoder.mlp, encoder.embedding
+    if offset is not None:
+        del encoder.prefix_init
     encoder.prefix = nn.Parameter(raw, requires_grad=requires_grad)
     return True
 
@@ -117,12 +128,7 @@ def merged_from_record(config: PrefixPlusConfig) -> dict:
     {'depth': 3, 'hidden_size': 32, 'activation': 'gelu', 'token_dim': 32}
     ```
     """
-    return {
-        "depth": config.mlp_depth,
-        "hidden_size": config.mlp_hidden_size or config.token_dim,
-        "activation": config.mlp_activation,
-        "token_dim": config.token_dim,
-    }
+    return {**config.mlp_shape, "token_dim": config.token_dim}
 
 
 def mark_config_merged(config: PrefixPlusConfig) -> None:

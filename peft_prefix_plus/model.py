@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
-from typing import Any, Optional
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -16,13 +20,54 @@ from .attention import (
     discover_attention_sites,
     model_configs,
     register_attention_functions,
-    set_attention_implementation,
     set_route,
+    unwrap_attention_implementations,
+    wrap_attention_implementation,
 )
 from .config import PrefixPlusConfig
-from .layer import PrefixPlusLayer
+from .geometry import layer_indices
+from .layer import MERGE_INTO_WEIGHTS_MESSAGE, PrefixPlusLayer
+from .text_init import initialise_from_text
 
 LAYER_ATTR = "prefix_plus_layer"
+
+
+@dataclass
+class _StackState:
+    """What the hooks of one attention stack (a decoder, an encoder) know between passes."""
+
+    sites: tuple[str, ...]
+    offsets_positions: bool
+    # during cached decoding: the cache whose steps reuse the prefixes, and the adapter state they were computed for
+    owner: Optional[weakref.ref] = None
+    active: Optional[tuple] = None
+
+
+def _attention_stacks(model: nn.Module, sites: dict[str, AttentionSite]) -> list[tuple[nn.Module, tuple[str, ...]]]:
+    """The modules that run each site's attention layers, and the sites each one runs.
+
+    A site's stack is the owner of the outermost `nn.ModuleList` that holds all its attention modules (a Llama's
+    `model`, T5's `encoder` and `decoder`, BART's `model.decoder`): every call that runs those layers, from the
+    top-level model or from the backbone, passes through it exactly once. A model without such a list falls back to
+    the top-level model.
+    """
+    paths = {id(module): name for name, module in model.named_modules()}
+    stacks: dict[int, tuple[nn.Module, list[str]]] = {}
+    for site in ("self", "cross", "encoder"):
+        if site not in sites:
+            continue
+        names = [paths[id(module)] for module in sites[site].modules]
+        stack, stack_name = model, ""
+        parts = names[0].split(".")
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth])
+            if isinstance(model.get_submodule(prefix), nn.ModuleList):
+                if all(name.startswith(prefix + ".") for name in names):
+                    stack_name = ".".join(parts[: depth - 1])
+                    stack = model.get_submodule(stack_name) if stack_name else model
+                break
+        stacks.setdefault(id(stack), (stack, []))[1].append(site)
+    return [(stack, tuple(found)) for stack, found in stacks.values()]
 
 
 class PrefixPlusModel(BaseTuner):
@@ -51,8 +96,6 @@ class PrefixPlusModel(BaseTuner):
     """
 
     prefix: str = "prefix_plus_"
-    _prefixes_owner: Optional[weakref.ref] = None
-    _prefixes_state: Optional[tuple] = None
     tuner_layer_cls = PrefixPlusLayer
     target_module_mapping: dict[str, list[str]] = {}
     uses_shared_state = True
@@ -74,15 +117,13 @@ class PrefixPlusModel(BaseTuner):
         self._check_config(config, sites, lengths)  # before anything in the model changes
         self._install(model, sites)
         site_layers = {
-            site: [
-                i
-                for i in range(len(sites[site].modules))
-                if config.layers_to_transform is None or i in config.layers_to_transform
-            ]
-            for site in sites
+            site: list(layer_indices(len(found.modules), config.layers_to_transform)) for site, found in sites.items()
         }
         layer: PrefixPlusLayer = getattr(model, LAYER_ATTR)
         layer.update_layer(adapter_name, config, lengths, site_layers)
+        # as PEFT's prompt tuning does, skip the text pass when loading for inference: the saved prefixes replace it
+        if config.init_weights == "text" and not (config.inference_mode or low_cpu_mem_usage or config.merged_from):
+            initialise_from_text(model, layer, adapter_name, config)
         super().inject_adapter(
             model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
         )
@@ -103,14 +144,27 @@ class PrefixPlusModel(BaseTuner):
             raise ValueError(f"PrefixPlus needs a transformers model (PreTrainedModel), got {type(model).__name__}.")
         self._is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         implementations = {c._attn_implementation for c in model_configs(model)}
+        if hasattr(model, LAYER_ATTR) or implementations & set(WRAPPED_IMPLEMENTATIONS.values()):
+            raise ValueError(
+                f"This {type(model).__name__} already carries PrefixPlus adapters: it was passed to `get_peft_model` "
+                "before (its attention is now PrefixPlus's). Add another adapter with "
+                "`peft_model.add_adapter(name, config)`, or call `peft_model.unload()` first to get the base model back."
+            )
         unsupported = implementations - set(WRAPPED_IMPLEMENTATIONS)
         if unsupported:
             raise ValueError(
                 f"PrefixPlus supports attn_implementation 'eager' and 'sdpa'; the model uses {sorted(unsupported)}. "
                 "Load the model with attn_implementation='sdpa' (or 'eager')."
             )
-        self._accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
-        return discover_attention_sites(model)
+        sites = discover_attention_sites(model)
+        self._stack_sites = _attention_stacks(model, sites)
+        # real tokens' positions are shifted where the decoder-only stack takes them
+        self._accepts_position_ids = any(
+            "position_ids" in inspect.signature(stack.forward).parameters
+            for stack, stack_sites in self._stack_sites
+            if "self" in stack_sites
+        )
+        return sites
 
     def _install(self, model: nn.Module, sites: dict[str, AttentionSite]) -> None:
         """Switch the attention implementation, route the attention modules and add the hooks (once per model)."""
@@ -126,22 +180,25 @@ class PrefixPlusModel(BaseTuner):
             parameter = next(found.modules[0].parameters(), None)
             if parameter is not None:
                 layer.site_devices[site] = parameter.device
-        saved = {id(c): c._attn_implementation for c in model_configs(model)}
-        set_attention_implementation(model, {key: WRAPPED_IMPLEMENTATIONS[impl] for key, impl in saved.items()})
-        self._saved_attn_implementations = saved
+        # every config of the model (T5's encoder and decoder hold copies), checked before each pass: a later
+        # `model.set_attn_implementation("eager")` must not silently drop the prefix
+        self._configs = model_configs(model)
+        for config in self._configs:
+            wrap_attention_implementation(config)
         self._sites = sites
-        self._hooks = [
-            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            model.register_forward_hook(self._after_forward),
-        ]
-        self._top_sites = tuple(s for s in ("self", "cross") if s in sites)
-        if "encoder" in sites:
-            encoder = model.get_encoder()
-            inside = {id(m) for m in encoder.modules()}
-            if all(id(m) in inside for m in sites["encoder"].modules):
-                self._hooks.append(encoder.register_forward_pre_hook(self._before_encoder_forward))
-            else:  # the encoder is not a separate module: compute its prefixes with the others
-                self._top_sites += ("encoder",)
+        # Prefixes are computed where every entry point passes: on each attention stack (the decoder, the encoder),
+        # so calling the backbone or the encoder directly sees them too. Sites of one stack are computed together.
+        self._stacks = []
+        self._hooks = []
+        for stack, stack_sites in self._stack_sites:
+            state = _StackState(
+                sites=stack_sites, offsets_positions="self" in stack_sites and not self._is_encoder_decoder
+            )
+            self._stacks.append((stack, state))
+            self._hooks += [
+                stack.register_forward_pre_hook(partial(self._before_stack, state), with_kwargs=True),
+                stack.register_forward_hook(partial(self._after_stack, state)),
+            ]
         # modules carrying transformers' `gradient_checkpointing` flag, read before every forward pass
         self._checkpointing_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
@@ -160,6 +217,26 @@ class PrefixPlusModel(BaseTuner):
             raise ValueError(
                 f"`offset_position_ids=True` is supported for decoder-only models only; {model_type!r} is an "
                 "encoder-decoder model. Leave it as False."
+            )
+        causal_lm = {"CAUSAL_LM": False, "SEQ_2_SEQ_LM": True}
+        if config.task_type in causal_lm and causal_lm[config.task_type] != self._is_encoder_decoder:
+            expected = "SEQ_2_SEQ_LM" if self._is_encoder_decoder else "CAUSAL_LM"
+            kind = "an encoder-decoder" if self._is_encoder_decoder else "a decoder-only"
+            raise ValueError(
+                f"`task_type={config.task_type!r}` does not fit {model_type!r}, which is {kind} model; use "
+                f"`task_type={expected!r}`."
+            )
+        if config.offset_position_ids and not any(getattr(m, "is_causal", True) for m in sites["self"].modules):
+            raise ValueError(
+                f"`offset_position_ids=True` is supported for decoder-only models only; {model_type!r} is an "
+                "encoder-only model (its self-attention is not causal). Leave it as False."
+            )
+        if not any(length for site, length in lengths.items() if site in sites):
+            warnings.warn(
+                f"Every prefix length of this PrefixPlus adapter is 0 ({lengths}): it has nothing to train and "
+                "leaves the model unchanged. Set `num_virtual_tokens` (and the encoder/cross lengths) above 0.",
+                UserWarning,
+                stacklevel=2,
             )
         if config.offset_position_ids and not self._accepts_position_ids:
             raise ValueError(
@@ -194,20 +271,21 @@ class PrefixPlusModel(BaseTuner):
                     )
         else:
             config.site_shapes = shapes
-        token_dim = _hidden_size(self.model.config)
         if config.token_dim is None:
-            config.token_dim = token_dim
-        if config.prefix_projection and config.token_dim is None:
-            raise ValueError(
-                f"Could not read the hidden size of {model_type!r}; set `token_dim` in the PrefixPlusConfig."
-            )
+            # stock PEFT's MLP input width: the key/value width, which is the hidden size unless the model uses
+            # grouped-query attention (a wider input acts like a higher learning rate)
+            first = sites["self"] if "self" in sites else next(iter(sites.values()))
+            config.token_dim = first.num_key_value_heads * first.head_dim
 
     # ------------------------------------------------------------------ forward
     @property
     def _layer(self) -> PrefixPlusLayer:
         return getattr(self.model, LAYER_ATTR)
 
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _before_stack(self, state: _StackState, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Compute the prefixes of the sites of one attention stack for the pass that is starting."""
+        for config in self._configs:
+            wrap_attention_implementation(config)  # a no-op unless the implementation was switched since
         layer = self._layer
         layer.checkpointing = module.training and any(
             getattr(m, "gradient_checkpointing", False) is True for m in self._checkpointing_modules
@@ -217,30 +295,84 @@ class PrefixPlusModel(BaseTuner):
         # During cached decoding the parameters cannot change between steps (no gradients are being computed), so
         # the prefixes of the first step of a `generate` call are reused until its cache object is done with.
         decoding = cache is not None and not torch.is_grad_enabled()
-        owner = self._prefixes_owner() if self._prefixes_owner is not None else None
-        state = (tuple(layer.active_adapters), layer.disable_adapters)
-        if not (decoding and owner is cache and state == self._prefixes_state):
-            layer.refresh(self._top_sites)
-            self._prefixes_owner = weakref.ref(cache) if decoding else None
-            self._prefixes_state = state
-        if self._uses_position_offset():
-            kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"))
+        owner = state.owner() if state.owner is not None else None
+        rows = self._rows_of(args, kwargs)
+        active = (tuple(layer.active_adapters), layer.disable_adapters, None if rows is None else tuple(rows))
+        if not (decoding and owner is cache and active == state.active):
+            layer.refresh(state.sites, rows)
+            state.owner = weakref.ref(cache) if decoding else None
+            state.active = active
+        if state.offsets_positions and not layer.disable_adapters:
+            if rows is not None:
+                offsets = [layer.adapter_length(name, "self") if self._offsets(name) else 0 for name in rows]
+                if any(offsets):
+                    kwargs = self._offset_position_ids(args, kwargs, torch.tensor(offsets)[:, None])
+            elif self._uses_position_offset():
+                kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"))
         return args, kwargs
 
-    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _rows_of(self, args: tuple, kwargs: dict) -> Optional[list[str]]:
+        """The adapter of each input row while a call with ``adapter_names`` runs, expanded as `generate` expands
+        the batch (beams, ``num_return_sequences``: each row repeated in place)."""
+        names = self._layer.row_adapters
+        if names is None:
+            return None
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            return names
+        batch = tokens.shape[0]
+        if batch % len(names):
+            raise ValueError(
+                f"`adapter_names` has {len(names)} entries, but the batch has {batch} rows; pass one adapter name "
+                "per input row."
+            )
+        return [name for name in names for _ in range(batch // len(names))]
+
+    def _offsets(self, adapter_name: str) -> bool:
+        return adapter_name in self.peft_config and self.peft_config[adapter_name].offset_position_ids
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Serve a batch that mixes adapters: ``adapter_names`` gives one adapter per input row, as for LoRA.
+
+        Each row attends to its own adapter's prefix (``"__base__"``: none); adapters of different lengths are
+        padded with prefix columns that no query attends to. PEFT calls this around `forward` and `generate`.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call `model.eval()`.")
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise TypeError(f"`adapter_names` must be a list of adapter names, one per row; got {adapter_names!r}.")
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - set(self.peft_config))
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Loaded adapters: "
+                f"{sorted(self.peft_config)}; use '__base__' for rows that should get no prefix."
+            )
+        if not adapter_names:
+            raise ValueError("`adapter_names` is empty; pass one adapter name per input row.")
+        layer = self._layer
+        layer.row_adapters = list(adapter_names)
+        try:
+            yield
+        finally:
+            layer.row_adapters = None
+
+    def _after_stack(self, state: _StackState, module: nn.Module, args: tuple, output: Any) -> None:
         layer = self._layer
         if layer.checkpointing:
             return  # recomputation in the backward pass reads the prefixes and masks again
-        if self._prefixes_owner is None:
+        if state.owner is None:
             # The autograd graph keeps what the backward pass needs; holding the prefixes and the extended masks until
             # the next pass would only add them to the step's peak memory.
-            layer.clear()
+            layer.clear(state.sites)
         else:
             layer.begin_pass()  # cached decoding: keep the prefixes for the next step
-
-    def _before_encoder_forward(self, module: nn.Module, args: tuple) -> None:
-        self._layer.begin_pass()
-        self._layer.refresh(("encoder",))
 
     def _uses_position_offset(self) -> bool:
         layer = self._layer
@@ -249,9 +381,10 @@ class PrefixPlusModel(BaseTuner):
         )
 
     @staticmethod
-    def _offset_position_ids(args: tuple, kwargs: dict, length: int) -> dict:
-        """Shift real tokens' position ids by the prefix length, as stock PEFT's past_key_values route does."""
-        if not length:
+    def _offset_position_ids(args: tuple, kwargs: dict, length: Union[int, torch.Tensor]) -> dict:
+        """Shift real tokens' position ids by the prefix length (per row: a ``(batch, 1)`` tensor), as stock PEFT's
+        past_key_values route does."""
+        if isinstance(length, int) and not length:
             return kwargs
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
@@ -261,6 +394,8 @@ class PrefixPlusModel(BaseTuner):
             cache = _cache_argument(kwargs)
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + tokens.shape[1], device=tokens.device).unsqueeze(0)
+        if isinstance(length, torch.Tensor):
+            length = length.to(position_ids.device)
         return {**kwargs, "position_ids": position_ids + length}
 
     # ------------------------------------------------------------------ adapter management
@@ -315,11 +450,11 @@ class PrefixPlusModel(BaseTuner):
         layer.delete_adapter(adapter_name)
         self.active_adapter = layer.active_adapters[:]
 
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(MERGE_INTO_WEIGHTS_MESSAGE)
+
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        raise ValueError(
-            "Prefixes cannot be merged into the base model's weights. Use `unload()` to get the base model back, "
-            "or `merge_mlp()` to replace the prefix MLP by the raw prefixes it produces."
-        )
+        raise ValueError(MERGE_INTO_WEIGHTS_MESSAGE)
 
     def unload(self) -> nn.Module:
         """Remove PrefixPlus from the model and return the base model, which computes exactly as before."""
@@ -330,13 +465,27 @@ class PrefixPlusModel(BaseTuner):
             for found in self._sites.values():
                 for module in found.modules:
                     set_route(module, None)
-            set_attention_implementation(model, self._saved_attn_implementations)
+            unwrap_attention_implementations(model)
         if hasattr(model, LAYER_ATTR):
             delattr(model, LAYER_ATTR)
         if hasattr(model, "peft_config"):
             del model.peft_config
         self._sites = None
         return model
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PrefixPlusConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's key remapping at load, preceded by the check that the saved tensors match the adapter's config."""
+        layer = next((m for m in model.modules() if isinstance(m, PrefixPlusLayer)), None)
+        if layer is not None and adapter_name in layer.prefix_plus_sites:
+            marker = f"{LAYER_ATTR}.prefix_plus_sites."
+            found = {key.split(marker, 1)[1]: t for key, t in state_dict.items() if marker in key}
+            layer.check_saved_weights(adapter_name, found)
+        return super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -348,15 +497,6 @@ class PrefixPlusModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: PrefixPlusConfig, model_config: dict) -> PrefixPlusConfig:
         return peft_config
-
-
-def _hidden_size(config: Any) -> Optional[int]:
-    for name in ("hidden_size", "d_model", "n_embd"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    text_config = getattr(config, "text_config", None)
-    return _hidden_size(text_config) if text_config is not None else None
 
 
 def _cache_argument(kwargs: dict) -> Any:

@@ -206,6 +206,12 @@ def dst_is_cwd(work: Path, src: Path, monkeypatch) -> Arranged:
     return Path("."), ["--overwrite"]
 
 
+def dst_contains_cwd(work: Path, src: Path, monkeypatch) -> Arranged:
+    (work / "project" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(work / "project" / "sub")
+    return work / "project", ["--overwrite"]
+
+
 def dst_is_a_mount_point(work: Path, src: Path, monkeypatch) -> Arranged:
     return Path("/proc"), ["--overwrite"]
 
@@ -280,6 +286,7 @@ CASES: dict[str, Bad] = {
     "dst-exists-without-overwrite": Bad(dst_exists, r"exists; pass --overwrite", WITH_DST),
     "dst-is-a-file": Bad(dst_is_a_file, r"exists and is not a directory", WITH_DST),
     "dst-is-cwd": Bad(dst_is_cwd, r"is the current directory", WITH_DST),
+    "dst-contains-cwd": Bad(dst_contains_cwd, r"contains the current directory", WITH_DST),
     "dst-is-a-mount-point": Bad(dst_is_a_mount_point, r"is a mount point", WITH_DST),
     "dst-read-only": Bad(dst_in_read_only_dir, r"Cannot write the destination .*Permission denied", WITH_DST),
 }

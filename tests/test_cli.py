@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import batch_for, site_kwargs, tiny_model
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from peft_prefix_plus import (
     AdapterFileError,
@@ -289,10 +289,10 @@ def test_destination_rules(command, good_adapters, tmp_path, capsys, monkeypatch
 
 # ---------------------------------------------------------------------------------------------------- registration
 def test_import_registers_with_peft_whatever_is_imported_first(good_adapters):
-    """The contract of ``import peft_prefix_plus``: PEFT knows PREFIX_PLUS however the program imports things."""
+    """The contract of ``import peft_prefix_plus``: PEFT knows PREFIX_PLUS however the program imports things (peft
+    imported first is the path every other test takes)."""
     checks = {
         "package-then-peft": "import peft_prefix_plus\nfrom peft import PeftConfig",
-        "peft-then-package": "from peft import PeftConfig\nimport peft_prefix_plus",
         "config-module-first": "from peft_prefix_plus.config import PrefixPlusConfig\nfrom peft import PeftConfig",
     }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -304,3 +304,55 @@ def test_import_registers_with_peft_whatever_is_imported_first(good_adapters):
     for name, process in processes.items():
         out, _ = process.communicate(timeout=300)
         assert process.returncode == 0 and out.split() == ["PrefixPlusConfig"], name
+
+
+# ---------------------------------------------------------------------------------------------------- modules_to_save
+def test_modules_to_save_tensors_are_accepted_and_carried_unchanged(tmp_path, capsys):
+    """Tensors PEFT saves for ``modules_to_save`` (a classification head) pass the reader and are carried over
+    unchanged by merge and export (under the key stock PEFT uses), and listed by inspect."""
+    src = save_prefix_plus(tmp_path / "src", "gpt2", offset_position_ids=True)
+    head = torch.randn(2, 32)
+    tensors = load_file(src / "adapter_model.safetensors")
+    tensors["base_model.model.score.weight"] = head
+    save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["score"]
+    (src / "adapter_config.json").write_text(json.dumps(config))
+
+    code, out, err = run_cli(capsys, "inspect", src)
+    assert code == 0 and "modules_to_save: base_model.model.score.weight" in out, err
+    merge_adapter(src, tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "adapter_model.safetensors")
+    assert torch.equal(merged["base_model.model.score.weight"], head)
+    export_to_peft(src, tmp_path / "stock")
+    stock = load_file(tmp_path / "stock" / "adapter_model.safetensors")
+    assert torch.equal(stock["base_model.score.weight"], head) and set(stock) == {
+        "prompt_embeddings",
+        "base_model.score.weight",
+    }
+    assert json.loads((tmp_path / "stock" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+
+
+@pytest.mark.parametrize(
+    ("key", "modules_to_save", "accepted"),
+    [
+        ("base_model.model.score.weight", ["score"], True),
+        ("base_model.model.classifier.dense.weight", ["classifier"], True),  # a head with submodules
+        ("base_model.model.model.layers.0.input_layernorm.weight", ["norm"], True),  # PEFT matches a name suffix
+        ("base_model.model.lm_head.weight", ["score"], False),
+        ("base_model.model.lm_head.weight", None, False),
+    ],
+)
+def test_reader_accepts_what_peft_saves_for_modules_to_save(key, modules_to_save, accepted, tmp_path):
+    src = save_prefix_plus(tmp_path / "src", "gpt2")
+    tensors = load_file(src / "adapter_model.safetensors")
+    tensors[key] = torch.ones(4)
+    save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["modules_to_save"] = modules_to_save
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    if accepted:
+        assert inspect_adapter(src)["modules_to_save"] == [key]
+    else:
+        with pytest.raises(AdapterFileError, match="neither PrefixPlus tensors nor modules_to_save"):
+            inspect_adapter(src)

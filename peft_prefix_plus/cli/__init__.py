@@ -1,4 +1,4 @@
-"""The ``prefix-plus`` command line: an explicit list of sub-commands, each a module with ``register`` and ``run``.
+"""The ``prefix-plus`` command line: an explicit list of sub-commands, each with ``register(subparsers)``.
 
 Importing this package and building the parser imports only the standard library, so ``prefix-plus --help`` and
 ``--version`` answer at once; each command imports the heavy modules (torch, peft) inside its ``run``.
@@ -10,13 +10,15 @@ import argparse
 import sys
 from typing import Optional
 
-from . import export_peft, import_peft, inspect_adapter, merge, push
+from . import inspect_adapter, push
+from .convert import EXPORT_PEFT, IMPORT_PEFT
 from .errors import CommandError, is_user_error, user_error_types
+from .merge import MERGE
 from .version import package_version
 
-#: The sub-commands, in the order ``--help`` lists them. Each module has ``register(subparsers)``, which adds its
-#: parser and sets ``func`` to its ``run(args) -> int``.
-COMMANDS = (merge, inspect_adapter, export_peft, import_peft, push)
+#: The sub-commands, in the order ``--help`` lists them: `SrcDstCommand`s and modules. Each has
+#: ``register(subparsers)``, which adds its parser and sets ``func`` to its ``run(args) -> int``.
+COMMANDS = (MERGE, inspect_adapter, EXPORT_PEFT, IMPORT_PEFT, push)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,35 +6,11 @@ import argparse
 import sys
 import warnings
 
-from .src_dst import add_src_dst_command
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``merge`` sub-command.
-
-    Args:
-        subparsers (`argparse._SubParsersAction`): From ``parser.add_subparsers()``.
-
-    Example:
-
-    ```py
-    >>> register(parser.add_subparsers())
-    ```
-    """
-    add_src_dst_command(
-        subparsers,
-        "merge",
-        help="Merge the prefix MLP of a saved adapter into raw prefixes (no model needed).",
-        description="Merge the prefix MLP of the saved PrefixPlus adapter SRC into raw prefixes and write the result "
-        "to DST. Uses only the adapter's files: no base model, no GPU.",
-        src_help="directory of a saved PrefixPlus adapter",
-        dst_help="directory to write the merged adapter to",
-        run=run,
-    )
+from .src_dst import SrcDstCommand
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``merge``; returns the exit code.
+    """Run ``merge``: warnings are printed as notes, then the sizes before and after; returns the exit code.
 
     Args:
         args (`argparse.Namespace`): ``src``, ``dst`` and ``overwrite``.
@@ -59,3 +35,14 @@ def run(args: argparse.Namespace) -> int:
         f"(was {before['num_parameters']:,} parameters, {before['size_on_disk']:,} bytes)."
     )
     return 0
+
+
+MERGE = SrcDstCommand(
+    "merge",
+    help="Merge the prefix MLP of a saved adapter into raw prefixes (no model needed).",
+    description="Merge the prefix MLP of the saved PrefixPlus adapter SRC into raw prefixes and write the result to "
+    "DST. Uses only the adapter's files: no base model, no GPU.",
+    src_help="directory of a saved PrefixPlus adapter",
+    dst_help="directory to write the merged adapter to",
+    run=run,
+)

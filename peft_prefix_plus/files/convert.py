@@ -18,9 +18,9 @@ from torch import nn
 
 from ..config import PrefixPlusConfig
 from ..layer import PrefixSiteEncoder, site_layout
-from ..merge import merge_site_encoders
 from ..model import PrefixPlusModel
 from .errors import AdapterFileError
+from .merge import merged_prefixes
 from .read import (
     KEY_PREFIX,
     STOCK_PEFT_TYPE,
@@ -127,7 +127,19 @@ def copy_stock_prefix(stock_model: nn.Module, model: nn.Module, adapter_name: st
 
 
 def _self_site_encoder(model: nn.Module, adapter_name: str) -> PrefixSiteEncoder:
-    """The raw self-attention encoder of ``adapter_name`` in a PrefixPlus `PeftModel`, covering every layer."""
+    """The raw self-attention encoder of ``adapter_name`` in a PrefixPlus `PeftModel`, covering every layer.
+
+    Args:
+        model (`nn.Module`): A `PeftModel` with a PrefixPlus adapter.
+        adapter_name (`str`): The adapter.
+
+    Example:
+
+    ```py
+    >>> _self_site_encoder(peft_model, "default").shape
+    (2, 2, 2, 4, 8)
+    ```
+    """
     tuner = getattr(model, "base_model", None)
     if not isinstance(tuner, PrefixPlusModel):
         raise ValueError(f"Expected a PeftModel with a PrefixPlus adapter, got {type(model).__name__}.")
@@ -212,11 +224,7 @@ def export_to_peft(src: PathLike, dst: PathLike, overwrite: bool = False) -> Pat
     reasons = export_refusals(adapter)
     if reasons:
         raise AdapterFileError(f"Cannot export {src} to stock PEFT: " + "; ".join(reasons) + ".")
-    adapter.require_finite("export")
-    encoders = adapter.site_encoders()
-    merge_site_encoders(encoders.values())
-    prefix = encoders["self"].prefix.detach()
-    require_finite({"prompt_embeddings": prefix}, f"{src} (the merged prefix overflows {adapter.dtype})", "export")
+    prefix = merged_prefixes(adapter, "export")[0]["self.prefix"]
     geometry = adapter.geometry["self"]
     heads, head_dim = geometry.num_key_value_heads, geometry.head_dim
     stock = PrefixTuningConfig(
@@ -244,7 +252,19 @@ def export_to_peft(src: PathLike, dst: PathLike, overwrite: bool = False) -> Pat
 
 
 def _stock_geometry(raw: dict[str, Any], where: Path) -> dict[str, int]:
-    """Validate the sizes of a stock prefix-tuning config: positive integers, one decoder, divisible widths."""
+    """Validate the sizes of a stock prefix-tuning config: positive integers, one decoder, divisible widths.
+
+    Args:
+        raw (`dict`): The content of the stock ``adapter_config.json``.
+        where (`Path`): The config file, for messages.
+
+    Example:
+
+    ```py
+    >>> _stock_geometry(read_config_dict("stock"), Path("stock/adapter_config.json"))["num_layers"]
+    2
+    ```
+    """
     values = {}
     for key in ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads"):
         value = raw.get(key)

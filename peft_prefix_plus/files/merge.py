@@ -12,12 +12,13 @@ import warnings
 from pathlib import Path
 from typing import Union
 
+import torch
 import yaml
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ..hub.card import CARD_NAME, adapter_summary, write_card
 from ..merge import mark_config_merged, merge_site_encoders
-from .read import KEY_PREFIX, read_prefix_plus_adapter, require_finite
+from .read import KEY_PREFIX, PrefixPlusFiles, read_prefix_plus_adapter, require_finite
 from .write import atomic_directory, check_destination, write_adapter_files
 
 PathLike = Union[str, os.PathLike]
@@ -77,6 +78,33 @@ def refresh_card(directory: Path, adapter_id: str) -> None:
         )
 
 
+def merged_prefixes(adapter: PrefixPlusFiles, action: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """The raw prefixes of a read adapter: its tensors loaded into the real encoders and merged by the function
+    the in-memory `merge_mlp` uses. Non-finite values are refused, in the input and in the result.
+
+    Args:
+        adapter ([`PrefixPlusFiles`]): From `read_prefix_plus_adapter`.
+        action (`str`): What is refused on non-finite values, e.g. ``"merge"``.
+
+    Returns:
+        `tuple`: ``({"<site>.prefix": tensor}, whether an MLP was merged)``.
+
+    Example:
+
+    ```py
+    >>> prefixes, merged = merged_prefixes(read_prefix_plus_adapter("checkpoint"), "merge")
+    >>> prefixes["self.prefix"].shape
+    torch.Size([2, 2, 2, 3, 8])
+    ```
+    """
+    adapter.require_finite(action)
+    encoders = adapter.site_encoders()
+    merged = merge_site_encoders(encoders.values())
+    prefixes = encoders.state_dict()
+    require_finite(prefixes, f"{adapter.directory} (the merged prefixes overflow {adapter.dtype})", action)
+    return prefixes, merged
+
+
 def merge_adapter(src: PathLike, dst: PathLike, overwrite: bool = False) -> Path:
     """Merge the MLP of a saved PrefixPlus adapter into raw prefixes, using only its files.
 
@@ -106,10 +134,9 @@ def merge_adapter(src: PathLike, dst: PathLike, overwrite: bool = False) -> Path
     """
     check_destination(dst, overwrite=overwrite, sources=(src,))
     adapter = read_prefix_plus_adapter(src)
-    adapter.require_finite("merge")
-    encoders = adapter.site_encoders()
+    prefixes, merged = merged_prefixes(adapter, "merge")
     config = adapter.config
-    if merge_site_encoders(encoders.values()):
+    if merged:
         mark_config_merged(config)
     else:
         warnings.warn(
@@ -118,8 +145,7 @@ def merge_adapter(src: PathLike, dst: PathLike, overwrite: bool = False) -> Path
             UserWarning,
             stacklevel=2,
         )
-    tensors = {KEY_PREFIX + name: tensor for name, tensor in encoders.state_dict().items()}
-    require_finite(tensors, f"{src} (the merged prefixes overflow {adapter.dtype})", "merge")
+    tensors = {KEY_PREFIX + name: tensor for name, tensor in prefixes.items()}
     with atomic_directory(dst, overwrite=overwrite, sources=(src,)) as tmp:
         copy_side_files(Path(src), tmp)
         write_adapter_files(tmp, config, tensors | adapter.extra_tensors)

@@ -205,6 +205,10 @@ def require_finite(tensors: dict[str, torch.Tensor], where: PathLike, action: st
 def is_modules_to_save_key(key: str, modules_to_save: Any) -> bool:
     """Whether ``key`` is a tensor PEFT saves for ``modules_to_save`` (e.g. a classification head).
 
+    PEFT wraps every module whose name ends with one of the names (a string suffix: ``"norm"`` also wraps
+    ``input_layernorm``) and saves its tensors under the module's name; keys holding ``modules_to_save`` are accepted
+    too.
+
     Args:
         key (`str`): A key of ``adapter_model.safetensors``.
         modules_to_save (`list[str]`, *optional*): The config's ``modules_to_save``.
@@ -212,14 +216,16 @@ def is_modules_to_save_key(key: str, modules_to_save: Any) -> bool:
     Example:
 
     ```py
-    >>> is_modules_to_save_key("base_model.model.classifier.weight", ["classifier"])
+    >>> is_modules_to_save_key("base_model.model.classifier.dense.weight", ["classifier"])
     True
     ```
     """
-    if "modules_to_save" in key.split("."):
+    parts = key.split(".")
+    if "modules_to_save" in parts:
         return True
-    names = modules_to_save if isinstance(modules_to_save, (list, tuple)) else ()
-    return any(isinstance(name, str) and f".{name}." in f".{key}." for name in names)
+    names = [name for name in modules_to_save if isinstance(name, str)] if isinstance(modules_to_save, list) else []
+    modules = (".".join(parts[:end]) for end in range(1, len(parts)))  # every module on the key's path
+    return any(module.endswith(name) for module in modules for name in names)
 
 
 @dataclass
@@ -283,7 +289,20 @@ class PrefixPlusFiles:
 
 
 def _prefix_plus_config(raw: dict[str, Any], header: dict[str, TensorInfo], where: Path) -> PrefixPlusConfig:
-    """Check the `peft_type` against the tensors and build the config with PEFT's own loader."""
+    """Check the `peft_type` against the tensors and build the config with PEFT's own loader.
+
+    Args:
+        raw (`dict`): The content of ``adapter_config.json``.
+        header (`dict[str, TensorInfo]`): The safetensors header.
+        where (`Path`): The config file, for messages.
+
+    Example:
+
+    ```py
+    >>> _prefix_plus_config(read_config_dict(d), read_tensor_header(d), d / CONFIG_NAME).mlp_depth
+    1
+    ```
+    """
     peft_type = raw["peft_type"]
     if peft_type != PEFT_TYPE_NAME:
         if any(key.startswith(KEY_PREFIX) for key in header):
@@ -303,7 +322,19 @@ def _prefix_plus_config(raw: dict[str, Any], header: dict[str, TensorInfo], wher
 
 
 def _check_kind(config: PrefixPlusConfig, names: list[str], where: Path) -> None:
-    """Refuse a config whose projection setting or MLP depth differs from the file's tensors, saying which."""
+    """Refuse a config whose projection setting or MLP depth differs from the file's tensors, saying which.
+
+    Args:
+        config ([`PrefixPlusConfig`]): The config.
+        names (`list[str]`): The PrefixPlus tensor names in the file, ``<site>.<parameter>``.
+        where (`Path`): The config file, for messages.
+
+    Example:
+
+    ```py
+    >>> _check_kind(config, ["self.prefix"], path)  # raises when config.prefix_projection is True
+    ```
+    """
     file_raw = any(name.endswith(".prefix") for name in names)
     file_mlp = any(".mlp." in f".{name}" or name.endswith(".embedding.weight") for name in names)
     if file_mlp and not config.prefix_projection:
@@ -328,7 +359,20 @@ def _check_kind(config: PrefixPlusConfig, names: list[str], where: Path) -> None
 
 
 def _check_shapes(config: PrefixPlusConfig, geometry: dict, header: dict[str, TensorInfo], where: Path) -> None:
-    """Compare the config's tensors with the file's: counts by arithmetic first, then names and shapes exactly."""
+    """Compare the config's tensors with the file's: counts by arithmetic first, then names and shapes exactly.
+
+    Args:
+        config ([`PrefixPlusConfig`]): The config.
+        geometry (`dict`): From `adapter_geometry(config)`.
+        header (`dict[str, TensorInfo]`): The safetensors header.
+        where (`Path`): The config file, for messages.
+
+    Example:
+
+    ```py
+    >>> _check_shapes(config, adapter_geometry(config), read_tensor_header(d), d / CONFIG_NAME)
+    ```
+    """
     held = {key[len(KEY_PREFIX) :]: info for key, info in header.items() if key.startswith(KEY_PREFIX)}
     _check_kind(config, list(held), where)
     want_tensors, want_values = expected_counts(config, geometry)

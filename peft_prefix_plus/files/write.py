@@ -32,18 +32,22 @@ except ImportError:  # pragma: no cover - Windows
 PathLike = Union[str, os.PathLike]
 
 
-def check_destination(dst: PathLike, *, overwrite: bool = False, sources: Iterable[PathLike] = ()) -> Path:
+def check_destination(
+    dst: PathLike, *, overwrite: bool = False, sources: Iterable[PathLike] = (), marker: str = CONFIG_NAME
+) -> Path:
     """Refuse a destination whose writing could lose data, before anything is written.
 
     Refused: a ``dst`` that is, contains or lies inside any of ``sources`` (after resolving symbolic links); the
-    current directory or a mount point (they cannot be replaced by a rename); a symbolic link or a file; an existing
-    directory unless ``overwrite``; and with ``overwrite``, a directory that is neither empty nor a saved adapter
-    (holding ``adapter_config.json``): its contents are named.
+    current directory or one containing it, and a mount point (they cannot be replaced by a rename); a symbolic link
+    or a file; an existing directory unless ``overwrite``; and with ``overwrite``, a directory that is neither empty
+    nor holds ``marker`` (a saved adapter holds ``adapter_config.json``): its contents are named.
 
     Args:
         dst (`str` or `os.PathLike`): The directory to write.
-        overwrite (`bool`): Allow replacing an existing adapter directory (or an empty one).
+        overwrite (`bool`): Allow replacing an existing directory that holds ``marker`` (or an empty one).
         sources (`Iterable`): Directories that are read while writing ``dst``; they must stay untouched.
+        marker (`str`): The file whose presence shows that an existing ``dst`` was written by this kind of writer
+            and may be replaced; e.g. a training checkpoint's own marker file.
 
     Returns:
         `Path`: ``dst`` as a `Path`.
@@ -74,10 +78,12 @@ def check_destination(dst: PathLike, *, overwrite: bool = False, sources: Iterab
             f"The destination {dst} {relation} the source {src} (after resolving links: {resolved} vs "
             f"{src_resolved}); writing it would destroy the source. Choose a destination outside the source."
         )
-    if resolved == Path.cwd().resolve():
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        relation = "is" if resolved == cwd else "contains"
         raise AdapterFileError(
-            f"The destination {dst} is the current directory, which cannot be replaced. Give the name of a new "
-            "directory, e.g. ./merged."
+            f"The destination {dst} {relation} the current directory, which cannot be replaced. Give the name of a "
+            "new directory, e.g. ./merged."
         )
     if dst.is_symlink():
         raise AdapterFileError(f"The destination {dst} is a symbolic link; give a real directory path.")
@@ -90,17 +96,29 @@ def check_destination(dst: PathLike, *, overwrite: bool = False, sources: Iterab
     if not overwrite:
         raise AdapterFileError(f"The destination {dst} exists; pass --overwrite (overwrite=True) to replace it.")
     entries = sorted(entry.name for entry in dst.iterdir())
-    if entries and CONFIG_NAME not in entries:
+    if entries and marker not in entries:
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        what = "a saved adapter" if marker == CONFIG_NAME else "written by this tool"
         raise AdapterFileError(
-            f"Refusing to overwrite {dst}: it is not a saved adapter (no {CONFIG_NAME}) and not empty; it holds "
-            f"{shown}. --overwrite replaces only an adapter directory or an empty one; choose another destination."
+            f"Refusing to overwrite {dst}: it is not {what} (no {marker}) and not empty; it holds {shown}. "
+            "--overwrite replaces only such a directory or an empty one; choose another destination."
         )
     return dst
 
 
 def _identity(path: Path) -> Optional[tuple[int, int]]:
-    """``(device, inode)`` of ``path``, or ``None`` when it does not exist."""
+    """``(device, inode)`` of ``path``, or ``None`` when it does not exist: tells whether another writer replaced it.
+
+    Args:
+        path (`Path`): A path (a symbolic link is not followed).
+
+    Example:
+
+    ```py
+    >>> _identity(Path("missing")) is None
+    True
+    ```
+    """
     try:
         stat = path.stat(follow_symlinks=False)
     except FileNotFoundError:
@@ -110,27 +128,63 @@ def _identity(path: Path) -> Optional[tuple[int, int]]:
 
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``directory`` itself (no lock file is created); released on exit."""
+    """Hold an exclusive advisory lock on ``directory`` itself (no lock file is created); released on exit.
+
+    Args:
+        directory (`Path`): The parent of the destination; writers of any destination in it take turns to rename.
+
+    Example:
+
+    ```py
+    >>> with _locked(Path(".")):
+    ...     pass
+    ```
+    """
     if fcntl is None:  # pragma: no cover
         yield
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:  # a file system without locks (some network mounts): the identity check remains
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
         yield
     finally:
         os.close(fd)
 
 
 def _make_parent(parent: Path) -> list[Path]:
-    """Create ``parent`` and its missing ancestors; return those created, innermost first."""
+    """Create ``parent`` and its missing ancestors; return those created, innermost first (to remove on failure).
+
+    Args:
+        parent (`Path`): The directory to create.
+
+    Example:
+
+    ```py
+    >>> _make_parent(Path("runs/new"))
+    [PosixPath('runs/new'), PosixPath('runs')]
+    ```
+    """
     created = [p for p in (parent, *parent.parents) if not p.exists()]
     parent.mkdir(parents=True, exist_ok=True)
     return created
 
 
 def _concurrent_writer(dst: Path) -> AdapterFileError:
-    """The error a writer gets when another one wrote ``dst`` first."""
+    """The error a writer gets when another one wrote ``dst`` first.
+
+    Args:
+        dst (`Path`): The destination.
+
+    Example:
+
+    ```py
+    >>> raise _concurrent_writer(Path("merged"))
+    ```
+    """
     return AdapterFileError(
         f"The destination {dst} was written by another process while this one ran; nothing was written by this "
         "one. Run it again (with --overwrite to replace the other result)."
@@ -138,7 +192,19 @@ def _concurrent_writer(dst: Path) -> AdapterFileError:
 
 
 def _commit(tmp: Path, dst: Path, expected: Optional[tuple[int, int]]) -> None:
-    """Rename ``tmp`` to ``dst`` (backup-then-rename over an existing one), unless ``dst`` changed meanwhile."""
+    """Rename ``tmp`` to ``dst`` (backup-then-rename over an existing one), unless ``dst`` changed meanwhile.
+
+    Args:
+        tmp (`Path`): The finished temporary directory.
+        dst (`Path`): The destination.
+        expected (`tuple`, *optional*): The identity of ``dst`` when it was checked (`None`: it did not exist).
+
+    Example:
+
+    ```py
+    >>> _commit(tmp, Path("merged"), expected=None)
+    ```
+    """
     if _identity(dst) != expected:
         raise _concurrent_writer(dst)
     if expected is None:
@@ -155,7 +221,9 @@ def _commit(tmp: Path, dst: Path, expected: Optional[tuple[int, int]]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: PathLike, *, overwrite: bool = False, sources: Iterable[PathLike] = ()) -> Iterator[Path]:
+def atomic_directory(
+    dst: PathLike, *, overwrite: bool = False, sources: Iterable[PathLike] = (), marker: str = CONFIG_NAME
+) -> Iterator[Path]:
     """Write a directory atomically: yield an empty temporary directory beside ``dst``, renamed to ``dst`` on success.
 
     The destination is checked first (see :func:`check_destination`). The temporary directory gets the permissions
@@ -166,8 +234,9 @@ def atomic_directory(dst: PathLike, *, overwrite: bool = False, sources: Iterabl
 
     Args:
         dst (`str` or `os.PathLike`): The directory to write.
-        overwrite (`bool`): Replace an existing ``dst`` (only an adapter directory or an empty one).
+        overwrite (`bool`): Replace an existing ``dst`` (only one holding ``marker``, or an empty one).
         sources (`Iterable`): Directories read while writing; ``dst`` may not be, contain or lie inside one.
+        marker (`str`): The file that marks an existing ``dst`` as replaceable (``adapter_config.json``).
 
     Raises:
         AdapterFileError: For a refused destination, a concurrent writer, or a destination that cannot be written
@@ -181,7 +250,7 @@ def atomic_directory(dst: PathLike, *, overwrite: bool = False, sources: Iterabl
     ```
     """
     sources = tuple(sources)
-    dst = check_destination(dst, overwrite=overwrite, sources=sources)
+    dst = check_destination(dst, overwrite=overwrite, sources=sources, marker=marker)
     expected = _identity(dst)
     parent = dst.absolute().parent
     created: list[Path] = []

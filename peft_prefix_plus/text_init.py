@@ -1,0 +1,93 @@
+"""Initialisation from real text (Li & Liang, 2021): the prefixes start as the keys and values that the frozen base
+model computes for the tokens of a text, captured at every attention layer of every site."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from .config import PrefixPlusConfig
+from .layer import PrefixPlusLayer
+
+
+def text_token_ids(model: nn.Module, config: PrefixPlusConfig) -> torch.Tensor:
+    """Tokenize ``config.init_text`` (without special tokens) with ``config.tokenizer_name_or_path`` or the model's.
+
+    Raises:
+        ValueError: If no tokenizer can be loaded, or the text has no tokens.
+    """
+    name = config.tokenizer_name_or_path or getattr(model.config, "name_or_path", None)
+    if not name:
+        raise ValueError(
+            'init_weights="text" needs a tokenizer for `init_text`: set `tokenizer_name_or_path` in the '
+            "PrefixPlusConfig (the base model does not record the path it was loaded from)."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f'init_weights="text" could not load the tokenizer {name!r} ({error}); set `tokenizer_name_or_path` to '
+            "a local tokenizer directory or a Hub id that is available."
+        ) from error
+    ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"`init_text` {config.init_text!r} has no tokens for the tokenizer {name!r}.")
+    return torch.tensor([ids])
+
+
+@torch.no_grad()
+def capture_key_values(model: nn.Module, layer: PrefixPlusLayer, input_ids: torch.Tensor) -> dict[tuple, Any]:
+    """Run ``model`` once on ``input_ids`` without any prefix and return, per ``(site, layer index)``, the post-RoPE
+    ``(keys, values)`` its attention computed, each ``(1, num_key_value_heads, length, head_dim)``.
+
+    Encoder-decoder models read the tokens as encoder input and as decoder input, so the decoder self-attention sees
+    the text and cross-attention sees the encoder's states of it.
+    """
+    device = next(model.parameters()).device
+    inputs = {"input_ids": input_ids.to(device), "use_cache": False}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = inputs["input_ids"]
+    was_training, was_disabled = model.training, layer._disable_adapters
+    layer.capture, layer._disable_adapters = {}, True
+    try:
+        model.eval()
+        model(**inputs)
+        return layer.capture
+    finally:
+        layer.capture, layer._disable_adapters = None, was_disabled
+        model.train(was_training)
+
+
+def initialise_from_text(
+    model: nn.Module, layer: PrefixPlusLayer, adapter_name: str, config: PrefixPlusConfig
+) -> None:
+    """Set the initial prefixes of ``adapter_name`` to the base model's key/value states of ``config.init_text``.
+
+    The text's tokens are repeated cyclically, or truncated, to each site's prefix length.
+
+    Args:
+        model (`nn.Module`): The transformers model carrying ``layer``.
+        layer ([`PrefixPlusLayer`]): Holds the adapter's freshly created encoders.
+        adapter_name (`str`): The adapter to initialise.
+        config ([`PrefixPlusConfig`]): Its configuration (`init_weights="text"`).
+
+    Example:
+
+    ```py
+    >>> config = PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, init_weights="text",
+    ...     init_text="Describe the table in one sentence:", tokenizer_name_or_path="HuggingFaceTB/SmolLM2-135M")
+    >>> model = get_peft_model(base, config)  # calls initialise_from_text
+    ```
+    """
+    captured = capture_key_values(model, layer, text_token_ids(model, config))
+    for site, encoder in layer.prefix_plus_sites[adapter_name].items():
+        length = encoder.shape[3]
+        pairs = []
+        for layer_index in sorted(encoder.slots, key=encoder.slots.get):
+            keys, values = captured[(site, layer_index)]
+            positions = torch.arange(length, device=keys.device) % keys.shape[2]
+            pairs.append(torch.stack([keys[0][:, positions], values[0][:, positions]]))
+        encoder.set_initial_prefix(torch.stack(pairs))

@@ -1,0 +1,83 @@
+"""Every entry point sees the prefix: the full model, the backbone (as reward-model and value-head code call it) and
+the encoder alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch_for, site_kwargs, tiny_model
+from peft import get_peft_model
+
+from peft_prefix_plus import PrefixPlusConfig
+
+# family -> path of the backbone inside the transformers model
+BACKBONES = {"llama": "model", "gpt2": "transformer", "opt": "model.decoder", "bert": "bert"}
+
+
+def adapted(family: str, **config_kwargs):
+    base, task = tiny_model(family)
+    config = PrefixPlusConfig(task_type=task, num_virtual_tokens=3, **site_kwargs(task), **config_kwargs)
+    return get_peft_model(base, config).eval(), task
+
+
+@pytest.mark.parametrize("offset", [False, True], ids=["positions-from-0", "offset-positions"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_decoder_backbone_sees_the_prefix(family, offset):
+    model, task = adapted(family, offset_position_ids=offset)
+    batch = batch_for(task)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    backbone = model.get_base_model().get_submodule(BACKBONES[family])
+    with torch.no_grad():
+        full = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        direct = backbone(**inputs).last_hidden_state
+        decoder = model.get_base_model().get_decoder()(**inputs).last_hidden_state
+        with model.disable_adapter():
+            base = backbone(**inputs).last_hidden_state
+    assert torch.allclose(direct, full, atol=1e-6)
+    assert torch.allclose(decoder, full, atol=1e-6)
+    assert not torch.allclose(direct, base, atol=1e-3), "the backbone ran without the prefix"
+
+
+def test_encoder_only_backbone_sees_the_prefix():
+    model, task = adapted("bert")
+    batch = batch_for(task)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        full = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        direct = model.get_base_model().bert(**inputs).last_hidden_state
+        with model.disable_adapter():
+            base = model.get_base_model().bert(**inputs).last_hidden_state
+    assert torch.allclose(direct, full, atol=1e-6)
+    assert not torch.allclose(direct, base, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_and_decoder_called_alone_see_their_prefixes(family):
+    model, task = adapted(family)
+    batch = batch_for(task)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    decoder_ids = batch["labels"]
+    base_model = model.get_base_model()
+    with torch.no_grad():
+        full = model(**inputs, decoder_input_ids=decoder_ids, output_hidden_states=True)
+        encoded = base_model.get_encoder()(**inputs).last_hidden_state
+        decoded = base_model.get_decoder()(
+            input_ids=decoder_ids, encoder_hidden_states=encoded, encoder_attention_mask=inputs["attention_mask"]
+        ).last_hidden_state
+        with model.disable_adapter():
+            base_encoded = base_model.get_encoder()(**inputs).last_hidden_state
+    assert torch.allclose(encoded, full.encoder_last_hidden_state, atol=1e-6)
+    assert torch.allclose(decoded, full.decoder_hidden_states[-1], atol=1e-6)
+    assert not torch.allclose(encoded, base_encoded, atol=1e-3), "the encoder ran without its prefix"
+
+
+def test_prefixes_are_computed_once_per_stack_and_pass(monkeypatch):
+    """An encoder-decoder forward computes the encoder's prefixes once and the decoder's (self and cross) once."""
+    model, task = adapted("t5")
+    layer = model.base_model.model.prefix_plus_layer
+    calls = []
+    original = layer.refresh
+    monkeypatch.setattr(layer, "refresh", lambda sites, rows=None: calls.append(tuple(sites)) or original(sites, rows))
+    batch = batch_for(task)
+    model(**batch)
+    assert sorted(calls) == [("encoder",), ("self", "cross")]

@@ -1,0 +1,185 @@
+"""Wrong configurations, wrong models and hand-edited adapters meet a clear error, never a silently wrong model."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import batch_for, tiny_model
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from peft_prefix_plus import PrefixPlusConfig
+from peft_prefix_plus.attention import model_configs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prefix_projection": "False"}, "prefix_projection"),
+        ({"offset_position_ids": 1}, "offset_position_ids"),
+        ({"mlp_hidden_size": True}, "mlp_hidden_size"),
+        ({"prefix_dropout": "0.5"}, "prefix_dropout"),
+        ({"prefix_dropout": 1.0}, "prefix_dropout"),
+        ({"mlp_activation": ["tanh"]}, "mlp_activation"),
+        ({"mlp_activation": "nope"}, "mlp_activation"),
+        ({"num_virtual_tokens": True}, "num_virtual_tokens"),
+        ({"num_virtual_tokens": "8"}, "num_virtual_tokens"),
+        ({"encoder_num_virtual_tokens": -1}, "encoder_num_virtual_tokens"),
+        ({"mlp_depth": 0}, "mlp_depth"),
+        ({"init_weights": ["zero"]}, "init_weights"),
+        ({"layers_to_transform": "0,1"}, "layers_to_transform"),
+        ({"layers_to_transform": [1, 1]}, "layers_to_transform"),
+        ({"site_shapes": "garbage"}, "site_shapes"),
+        ({"site_shapes": {"self": {"num_layers": 2}}}, "site_shapes"),
+        ({"site_shapes": {"decoder": {"num_layers": 2, "num_key_value_heads": 2, "head_dim": 8}}}, "site_shapes"),
+        ({"site_shapes": {"self": {"num_layers": "2", "num_key_value_heads": 2, "head_dim": 8}}}, "num_layers"),
+        ({"token_dim": "abc"}, "token_dim"),
+        ({"merged_from": "yes"}, "merged_from"),
+    ],
+)
+def test_config_refuses_wrong_values_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        PrefixPlusConfig(task_type="CAUSAL_LM", **kwargs)
+
+
+def test_a_hand_edited_config_is_refused_when_loaded(tmp_path):
+    """Values edited in adapter_config.json go through the same validation as the constructor."""
+    model = get_peft_model(tiny_model("llama")[0], PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(raw | {"prefix_projection": "False"}))
+    with pytest.raises(ValueError, match="prefix_projection"):
+        PeftModel.from_pretrained(tiny_model("llama")[0], tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("family", "task_type", "expected"),
+    [
+        ("llama", "SEQ_2_SEQ_LM", "CAUSAL_LM"),
+        ("gpt2", "SEQ_2_SEQ_LM", "CAUSAL_LM"),
+        ("t5", "CAUSAL_LM", "SEQ_2_SEQ_LM"),
+    ],
+)
+def test_a_task_type_that_does_not_fit_the_model_is_refused(family, task_type, expected):
+    base = tiny_model(family)[0]
+    with pytest.raises(ValueError, match=rf"task_type='{task_type}'.*use `task_type='{expected}'`"):
+        get_peft_model(base, PrefixPlusConfig(task_type=task_type, num_virtual_tokens=3))
+    assert all(c._attn_implementation == "sdpa" for c in model_configs(base)), "a refused adapter changed the model"
+
+
+def test_offset_position_ids_is_refused_on_an_encoder_only_model():
+    base = tiny_model("bert")[0]
+    with pytest.raises(ValueError, match="offset_position_ids=True.*encoder-only"):
+        get_peft_model(base, PrefixPlusConfig(task_type="SEQ_CLS", num_virtual_tokens=3, offset_position_ids=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_an_adapter_with_only_empty_sites_warns(family):
+    base, task = tiny_model(family)
+    extra = {"encoder_num_virtual_tokens": 0, "cross_num_virtual_tokens": 0} if task == "SEQ_2_SEQ_LM" else {}
+    with pytest.warns(UserWarning, match="nothing to train"):
+        get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=0, **extra))
+
+
+def test_wrapping_a_wrapped_model_again_says_what_happened():
+    base = tiny_model("llama")[0]
+    get_peft_model(base, PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(ValueError, match=r"already carries PrefixPlus adapters.*add_adapter.*unload\(\)"):
+        get_peft_model(base, PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+
+
+@pytest.mark.parametrize(("start", "switch"), [("sdpa", "eager"), ("eager", "sdpa")])
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_set_attn_implementation_after_wrapping_keeps_the_prefix(family, start, switch):
+    base, task = tiny_model(family, start)
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3)).eval()
+    batch = batch_for(task)
+    with torch.no_grad():
+        before = model(**batch).logits
+        model.set_attn_implementation(switch)
+        after = model(**batch).logits
+        reference.set_attn_implementation(switch)
+        base_logits = reference(**batch).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    assert not torch.allclose(after, base_logits, atol=1e-3), "the prefix was dropped"
+    unloaded = model.unload()
+    assert {c._attn_implementation for c in model_configs(unloaded)} == {switch}
+
+
+def test_switching_to_an_unsupported_implementation_is_refused():
+    model = get_peft_model(tiny_model("llama")[0], PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    for config in model_configs(model.get_base_model()):
+        config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="'flex_attention'.*supports 'eager' and 'sdpa'"):
+        model(**batch_for("CAUSAL_LM"))
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_unload_of_a_deep_copy_restores_every_config_and_can_be_wrapped_again(family):
+    base, task = tiny_model(family)
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3)).eval()
+    batch = batch_for(task)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(copied(**batch).logits, model(**batch).logits)
+        unloaded = copied.unload()
+        assert {c._attn_implementation for c in model_configs(unloaded)} == {"sdpa"}
+        again = get_peft_model(unloaded, PrefixPlusConfig(task_type=task, num_virtual_tokens=2))
+        assert again(**batch).logits.isfinite().all()
+        assert model(**batch).logits.isfinite().all(), "the original stopped working"
+
+
+@pytest.mark.parametrize("method", ["merge_adapter", "merge_and_unload"])
+def test_merging_into_weights_says_what_to_use_instead(method):
+    model = get_peft_model(tiny_model("llama")[0], PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises((NotImplementedError, ValueError), match=r"cannot be merged.*merge_mlp\(\).*unload\(\)"):
+        getattr(model, method)()
+
+
+def saved_adapter(tmp_path, **config_kwargs):
+    model = get_peft_model(
+        tiny_model("llama")[0], PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, **config_kwargs)
+    )
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"mlp_depth": 2}, r"missing \['self.mlp.4.bias', 'self.mlp.4.weight'\]"),
+        ({"prefix_projection": False}, r"missing \['self.prefix'\].*not called for by the config"),
+        ({"num_virtual_tokens": 5}, r"shape"),
+    ],
+)
+def test_weights_that_do_not_match_a_hand_edited_config_are_refused_at_load(tmp_path, edit, message):
+    path = saved_adapter(tmp_path)
+    raw = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps(raw | edit))
+    with pytest.raises(ValueError, match=rf"do not match its config: .*{message}"):
+        PeftModel.from_pretrained(tiny_model("llama")[0], path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_warn_at_load(tmp_path, value):
+    path = saved_adapter(tmp_path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("embedding.weight"))
+    tensors[key][0, 0] = value
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"self.embedding.weight holds 1 non-finite value"):
+        PeftModel.from_pretrained(tiny_model("llama")[0], path)
+
+
+def test_integer_weights_are_refused_at_load(tmp_path):
+    path = saved_adapter(tmp_path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("embedding.weight"))
+    tensors[key] = tensors[key].to(torch.int8)
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="self.embedding.weight has dtype torch.int8"):
+        PeftModel.from_pretrained(tiny_model("llama")[0], path)
