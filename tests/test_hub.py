@@ -31,6 +31,7 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 
 from peft_prefix_plus import HubPushError, PrefixPlusConfig, push_adapter
 from peft_prefix_plus.cli import main as cli_main
+from peft_prefix_plus.geometry import build_site_encoders
 from peft_prefix_plus.hub import card as card_module
 from peft_prefix_plus.hub.card import SECTION_END, SECTION_START, write_card
 from peft_prefix_plus.hub.push import summaries_from_dir
@@ -558,6 +559,21 @@ def test_card_builds_on_peft_writer_and_keeps_user_tags(tmp_path):
     assert data.tags[0] == "mine" and {"trl", "sft", "transformers", "prefix-plus"} <= set(data.tags)
     assert data.base_model == "org/chosen-by-me"
     assert (out / "README.md").read_text().count(f"- PEFT {peft.__version__}") == 1
+
+
+def test_card_counts_trainable_parameters_not_the_text_init_buffer():
+    config = PrefixPlusConfig(
+        num_virtual_tokens=4,
+        init_weights="text",
+        init_text="hello",
+        site_shapes={"self": {"num_layers": 2, "num_key_value_heads": 2, "head_dim": 8}},
+        token_dim=16,
+    )
+    encoders = build_site_encoders(config, device="cpu")
+    state = {f"base_model.model.prefix_plus_layer.prefix_plus_sites.{k}": v for k, v in encoders.state_dict().items()}
+    assert any(key.endswith("prefix_init") for key in state)  # saved with the adapter, but not trained
+    summary = card_module.adapter_summary("default", config, state)
+    assert summary.num_parameters == sum(p.numel() for p in encoders.parameters() if p.requires_grad)
 
 
 def test_card_describes_modules_to_save(tmp_path):

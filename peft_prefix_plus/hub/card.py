@@ -34,8 +34,7 @@ from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.utils import get_peft_model_state_dict
 
 from ..config import PrefixPlusConfig
-from ..geometry import adapter_geometry, is_encoder_decoder
-from ..merge import merged_from_record
+from ..geometry import adapter_geometry, build_site_encoders, is_encoder_decoder
 
 DISTRIBUTION = "peft-prefix-plus"
 CARD_NAME = "README.md"
@@ -106,7 +105,7 @@ class AdapterSummary:
     Args:
         name (`str`): The adapter name (``"default"`` is saved at the repository root, others in a subfolder).
         config ([`PrefixPlusConfig`]): Its configuration.
-        num_parameters (`int`, *optional*): Values saved for it, ``modules_to_save`` included.
+        num_parameters (`int`, *optional*): Its trainable parameters, ``modules_to_save`` included.
         num_labels (`int`, *optional*): Outputs of its saved classification head, when it has one.
         saved_modules (`tuple[str, ...]`): The ``modules_to_save`` whose weights it holds.
     """
@@ -119,7 +118,7 @@ class AdapterSummary:
 
 
 def adapter_summary(name: str, config: PrefixPlusConfig, tensors: Mapping[str, Any]) -> AdapterSummary:
-    """The card's summary of one adapter, from its config and its saved tensors.
+    """The card's summary of one adapter, from its config and its saved tensors (for its ``modules_to_save``).
 
     Args:
         name (`str`): The adapter name.
@@ -137,11 +136,12 @@ def adapter_summary(name: str, config: PrefixPlusConfig, tensors: Mapping[str, A
     shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
     listed = getattr(config, "modules_to_save", None) or ()  # PEFT lists the usual head names: classifier, score
     saved = tuple(module for module in listed if any(f".{module}." in f".{key}" for key in shapes))
-    heads = [
-        s[0] for key, s in shapes.items() for module in saved if key.endswith(f".{module}.weight") and len(s) == 2
-    ]
-    num_labels = heads[0] if len(heads) == 1 and heads[0] else None
-    return AdapterSummary(name, config, sum(math.prod(shape) for shape in shapes.values()), num_labels, saved)
+    in_saved = [key for key in shapes if any(f".{module}." in f".{key}" for module in saved)]
+    heads = [shapes[key][0] for key in in_saved if key.endswith(".weight") and len(shapes[key]) == 2]
+    # The real prefix encoders, on the meta device, count parameters only (not a text init's prefix_init buffer).
+    trainable = sum(p.numel() for p in build_site_encoders(config).parameters())
+    trainable += sum(math.prod(shapes[key]) for key in in_saved)
+    return AdapterSummary(name, config, trainable, heads[0] if len(heads) == 1 and heads[0] else None, saved)
 
 
 def summaries_from_model(peft_model: Any) -> list[AdapterSummary]:
@@ -238,8 +238,8 @@ def _config_table(summary: AdapterSummary) -> str:
         else:
             layers = ", ".join(map(str, where.layer_indices)) + f" (of {where.num_layers})"
         rows.append(f"| {SITE_NAMES[site]} | {length} | {layers} | {heads} |")
-    mlp = merged_from_record(config)
-    mlp = f"MLP: depth {mlp['depth']}, width {mlp['hidden_size']}, activation `{mlp['activation']}`"
+    mlp = config.mlp_shape or {}
+    mlp = f"MLP: depth {mlp.get('depth')}, width {mlp.get('hidden_size')}, activation `{mlp.get('activation')}`"
     merged = config.merged_from and ", ".join(f"{key} {_cell(value)}" for key, value in config.merged_from.items())
     saved = ", ".join(f"`{name}`" for name in summary.saved_modules)
     settings = {
