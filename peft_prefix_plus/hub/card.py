@@ -282,7 +282,7 @@ def _section(
     for summary in adapters:
         if len(adapters) > 1:
             where = "repository root" if summary.name == "default" else f"subfolder `{summary.name}`"
-            tables.append(f"#### Adapter `{summary.name}` ({where})\n")
+            tables.append(f"#### Adapter `{summary.name}` ({where})")
         tables.append(_config_table(summary))
     rows = "\n".join(f"| {_cell(name)} | {_cell(value)} |" for name, value in (metrics or {}).items())
     results = f"\n{METRICS_START}\n### Training results\n\n| Metric | Value |\n|---|---|\n{rows}\n{METRICS_END}\n"
