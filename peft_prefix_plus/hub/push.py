@@ -31,6 +31,7 @@ import httpx2
 from huggingface_hub import CommitInfo, HfApi, constants
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
+from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ..files.errors import AdapterFileError
@@ -288,8 +289,6 @@ def install_peft_hooks() -> None:
     >>> peft_model.push_to_hub("me/my-adapter", private=True)  # adapter files and a PrefixPlus card
     ```
     """
-    from peft import PeftModel
-
     if getattr(PeftModel.push_to_hub, "_prefix_plus_hook", False):
         return
     stock_push_to_hub = PeftModel.push_to_hub
