@@ -28,6 +28,7 @@ from hub_server import HubServer
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from peft_prefix_plus import HubPushError, PrefixPlusConfig, push_adapter
 from peft_prefix_plus.cli import main as cli_main
@@ -386,6 +387,13 @@ def _bin_only(adapter):
     (adapter / "adapter_model.safetensors").unlink()
 
 
+def _nan(adapter):
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    next(iter(tensors.values())).view(-1)[0] = float("nan")
+    save_file(tensors, path)
+
+
 def _config(**changes):
     def edit(adapter):
         path = adapter / "adapter_config.json"
@@ -405,6 +413,7 @@ BAD_LOCAL_INPUTS = {
     "metrics-not-json": ([*GOOD, "--metrics", "{tmp}/m.json"], _file("m.json", "{"), "not valid JSON"),
     "metrics-not-a-mapping": ([*GOOD, "--metrics", "{tmp}/m.json"], _file("m.json", "[1]"), "must be a mapping"),
     "bin-only": (GOOD, _bin_only, "only safetensors is supported"),
+    "nan-in-weights": (GOOD, _nan, "non-finite values (NaN or Inf)"),
     "config-edited": (GOOD, _config(mlp_depth=2), "mlp_depth is 2"),
     "not-prefix-plus": (GOOD, _config(peft_type="LORA"), "peft_type 'LORA'"),
     "dir-missing": (["{repo}", "{tmp}/nope"], None, "nope"),

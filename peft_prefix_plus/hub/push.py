@@ -93,7 +93,8 @@ def summaries_from_dir(
         adapter_names (`Sequence[str]`, *optional*): Adapters saved in subfolders of ``directory``.
 
     Raises:
-        AdapterFileError: If a name is not a plain folder name, or an adapter is missing, invalid or not PrefixPlus.
+        AdapterFileError: If a name is not a plain folder name, or an adapter is missing, invalid, not PrefixPlus, or
+            holds NaN or infinite values.
 
     Example:
 
@@ -112,6 +113,7 @@ def summaries_from_dir(
     summaries = []
     for name, folder in folders.items():
         adapter = read_prefix_plus_adapter(folder)
+        adapter.require_finite("push")  # a NaN or Inf would publish a broken adapter
         summaries.append(card.adapter_summary(name, adapter.config, adapter.all_tensors()))
     return summaries
 
