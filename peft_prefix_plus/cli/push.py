@@ -16,6 +16,12 @@ TOKEN_WARNING = (
     "prefix-plus push: warning: `--token <value>` leaves your token in your shell history and in process listings. "
     "Run `hf auth login` once, or export HF_TOKEN, and drop the flag."
 )
+DESCRIPTION = """\
+Upload the PrefixPlus adapter saved in LOCAL_DIR (adapter_config.json, adapter_model.safetensors) to the Hub
+repository REPO_ID in one commit, with a PrefixPlus model card; an existing card in the repository is updated, not
+replaced. Subfolders (e.g. Trainer checkpoints) are pushed only when named with --adapter. Every local input is
+checked before anything is sent, and LOCAL_DIR is never modified. The token comes from `hf auth login` or HF_TOKEN.
+"""
 EXAMPLES = """examples:
   prefix-plus push me/smollm2-data-to-text outputs/data_to_text/adapter --metrics outputs/data_to_text/summary.json
   prefix-plus push me/my-adapter ./adapter --revision experiment --private
@@ -32,11 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "push",
         help="Upload a saved PrefixPlus adapter to the Hugging Face Hub, with its model card.",
-        description="Upload the PrefixPlus adapter saved in LOCAL_DIR (adapter_config.json and "
-        "adapter_model.safetensors) to the Hub repository REPO_ID in one commit, with a PrefixPlus model card (an "
-        "existing card in the repository is updated, not replaced). Every local input is checked before anything is "
-        "sent; LOCAL_DIR is not modified. Subfolders (e.g. Trainer checkpoints) are pushed only when named with "
-        "--adapter. The token comes from `hf auth login` or HF_TOKEN.",
+        description=DESCRIPTION,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
