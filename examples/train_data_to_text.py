@@ -473,7 +473,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 def push_adapter(adapter_dir: Path, repo_id: str, summary_file: Path) -> str:
     """Push the merged adapter, with a model card carrying the run's metrics, to the Hub; return the commit URL."""
-    from peft_prefix_plus.hub import push_adapter as push
+    from peft_prefix_plus import push_adapter as push
 
     return str(push(str(adapter_dir), repo_id, metrics=str(summary_file)).commit_url)
 

@@ -36,7 +36,7 @@ def register_with_peft() -> None:
     >>> PeftType.PREFIX_PLUS
     ```
     """
-    from .hub import install_peft_hooks
+    from .hub.push import install_peft_hooks
     from .registration import register
 
     register()
