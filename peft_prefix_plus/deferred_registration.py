@@ -26,7 +26,7 @@ WATCHED = "peft"
 
 
 def register_with_peft() -> None:
-    """Register ``PREFIX_PLUS`` with PEFT and install the PrefixPlus model-card hooks (idempotent).
+    """Register ``PREFIX_PLUS`` with PEFT and install the PrefixPlus model-card and load hooks (idempotent).
 
     Example:
 
@@ -37,10 +37,12 @@ def register_with_peft() -> None:
     ```
     """
     from .hub.push import install_peft_hooks
+    from .load_guard import install_load_guard
     from .registration import register
 
     register()
     install_peft_hooks()
+    install_load_guard()
 
 
 class _AfterExecLoader(importlib.abc.Loader):
