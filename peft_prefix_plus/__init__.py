@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it, imported on first access (PEP 562).
 _EXPORTS = {
     "AdapterFileError": ".files",
-    "HubPushError": ".hub",
+    "HubPushError": ".hub.push",
     "PrefixPlusConfig": ".config",
     "PrefixPlusLayer": ".layer",
     "PrefixPlusModel": ".model",
@@ -28,13 +28,13 @@ _EXPORTS = {
     "import_from_peft": ".files",
     "inspect_adapter": ".files",
     "merge_adapter": ".files",
-    "push_adapter": ".hub",
+    "push_adapter": ".hub.push",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .config import PrefixPlusConfig
     from .files import AdapterFileError, export_to_peft, import_from_peft, inspect_adapter, merge_adapter
-    from .hub import HubPushError, push_adapter
+    from .hub.push import HubPushError, push_adapter
     from .layer import PrefixPlusLayer, PrefixSiteEncoder
     from .model import PrefixPlusModel
 

@@ -10,9 +10,9 @@ from peft.utils import PeftType
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from transformers.activations import ACT2FN
 
-from .registration import PEFT_TYPE_NAME, _add_peft_type_member
+from .peft_type import PEFT_TYPE_NAME, add_peft_type_member
 
-_add_peft_type_member(PEFT_TYPE_NAME)
+add_peft_type_member(PEFT_TYPE_NAME)
 
 #: The attention sites a PrefixPlus adapter can reach. ``"self"`` is the self-attention of a decoder-only or
 #: encoder-only model, and the decoder self-attention of an encoder-decoder model.

@@ -26,7 +26,7 @@ WATCHED = "peft"
 
 
 def register_with_peft() -> None:
-    """Register ``PREFIX_PLUS`` with PEFT and install the PrefixPlus model-card hooks (idempotent).
+    """Register ``PREFIX_PLUS`` with PEFT and install the PrefixPlus model-card and load hooks (idempotent).
 
     Example:
 
@@ -36,11 +36,13 @@ def register_with_peft() -> None:
     >>> PeftType.PREFIX_PLUS
     ```
     """
-    from .hub import install_peft_hooks
+    from .hub.push import install_peft_hooks
+    from .load_guard import install_load_guard
     from .registration import register
 
     register()
     install_peft_hooks()
+    install_load_guard()
 
 
 class _AfterExecLoader(importlib.abc.Loader):

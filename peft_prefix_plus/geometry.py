@@ -221,6 +221,9 @@ def expected_counts(config: PrefixPlusConfig, geometry: Mapping[str, SiteGeometr
         values += site.num_virtual_tokens * token_dim  # embedding
         values += token_dim * hidden + hidden + (depth - 1) * (hidden * hidden + hidden)  # hidden layers
         values += hidden * site.out_features + site.out_features  # output layer
+        if config.init_weights == "text":  # the saved prefix_init buffer the MLP's output is added to
+            tensors += 1
+            values += site.out_features * site.num_virtual_tokens
     return tensors, values
 
 

@@ -28,6 +28,7 @@ from .attention import (
 from .config import PrefixPlusConfig
 from .geometry import layer_indices
 from .layer import MERGE_INTO_WEIGHTS_MESSAGE, PrefixPlusLayer
+from .merge import merge_mlp
 from .text_init import initialise_from_text
 
 LAYER_ATTR = "prefix_plus_layer"
@@ -445,8 +446,6 @@ class PrefixPlusModel(BaseTuner):
         ['default']
         ```
         """
-        from .merge import merge_mlp
-
         return merge_mlp(self, adapter_names)
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -23,7 +23,8 @@ to requests without the server's token, like the Hub. Errors carry ``X-Error-Cod
 ``RevisionNotFound``, ``EntryNotFound``) so that the client raises its usual exceptions. Every request's body is
 read before the answer is sent, errors included: otherwise the client sees a reset connection instead of the error.
 
-Set :attr:`HubServer.fail_commits` to make every commit answer 500 (after reading the body). Every request is
+A commit with ``?create_pr=1`` goes to a new branch ``refs/pr/N`` (started from the target) and answers with a
+``pullRequestUrl``, as the Hub does for pull requests. Set :attr:`HubServer.fail_commits` to make every commit answer 500 (after reading the body). Every request is
 recorded in :attr:`HubServer.requests` (method, path, parsed JSON body or NDJSON lines); the ``Authorization``
 header is recorded only as a flag.
 
@@ -68,6 +69,7 @@ class Commit:
     files: dict[str, bytes]
     message: str
     parent: Optional[str] = None
+    description: str = ""
 
 
 @dataclass
@@ -84,12 +86,12 @@ class Repo:
         sha = self.branches.get(revision, revision)
         return self.commits.get(sha)
 
-    def add_commit(self, branch: str, files: dict[str, bytes], message: str) -> Commit:
+    def add_commit(self, branch: str, files: dict[str, bytes], message: str, description: str = "") -> Commit:
         parent = self.branches.get(branch)
         digest = hashlib.sha1(f"{self.repo_id}:{branch}:{len(self.commits)}:{message}".encode())
         for path in sorted(files):
             digest.update(path.encode() + git_blob_sha(files[path]).encode())
-        commit = Commit(sha=digest.hexdigest(), files=dict(files), message=message, parent=parent)
+        commit = Commit(digest.hexdigest(), dict(files), message, parent, description)
         self.commits[commit.sha] = commit
         self.branches[branch] = commit.sha
         return commit
@@ -195,7 +197,7 @@ class HubServer:
                 if action == "preupload" and method == "POST":
                     return self._preupload(repo, revision, body)
                 if action == "commit" and method == "POST":
-                    return self._commit(repo, revision, body, authorized)
+                    return self._commit(repo, revision, body, authorized, query.get("create_pr") == "1")
                 if action == "branch" and method == "POST":
                     return self._create_branch(repo, revision, body, authorized)
             match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
@@ -304,18 +306,18 @@ class HubServer:
             )
         return 200, {"files": files, "commitOid": commit.sha if commit else None}, {}
 
-    def _commit(self, repo: Repo, revision: str, lines: list[dict], authorized: bool) -> tuple:
+    def _commit(self, repo: Repo, revision: str, lines: list[dict], authorized: bool, create_pr: bool) -> tuple:
         if not authorized:
             raise HubError(401, "You must be authenticated to commit.")
         if self.fail_commits:
             raise HubError(500, "Internal Error - the test Hub server was told to fail commits.")
         base = self._commit_or_error(repo, revision)
         files = dict(base.files)
-        message = "commit"
+        message, description = "commit", ""
         for line in lines:
             key, value = line.get("key"), line.get("value", {})
             if key == "header":
-                message = value.get("summary") or message
+                message, description = value.get("summary") or message, value.get("description") or ""
                 parent = value.get("parentCommit")
                 if parent and parent != base.sha:
                     raise HubError(412, f"Parent commit {parent} is not the head of {revision}.")
@@ -333,8 +335,15 @@ class HubServer:
         branch = revision if revision in repo.branches else None
         if branch is None:
             raise HubError(400, f"Can only commit to a branch, got {revision}.")
-        commit = repo.add_commit(branch, files, message)
-        return 200, {"commitUrl": f"{self.url}/{repo.repo_id}/commit/{commit.sha}", "commitOid": commit.sha}, {}
+        answer = {}
+        if create_pr:  # a pull request is a ref `refs/pr/N` starting from the target branch
+            number = 1 + sum(name.startswith("refs/pr/") for name in repo.branches)
+            branch = f"refs/pr/{number}"
+            repo.branches[branch] = base.sha
+            answer["pullRequestUrl"] = f"{self.url}/{repo.repo_id}/discussions/{number}"
+        commit = repo.add_commit(branch, files, message, description)
+        answer.update(commitUrl=f"{self.url}/{repo.repo_id}/commit/{commit.sha}", commitOid=commit.sha)
+        return 200, answer, {}
 
     def _create_branch(self, repo: Repo, branch: str, body: Optional[dict], authorized: bool) -> tuple:
         if not authorized:

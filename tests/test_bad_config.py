@@ -183,3 +183,25 @@ def test_integer_weights_are_refused_at_load(tmp_path):
     save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="self.embedding.weight has dtype torch.int8"):
         PeftModel.from_pretrained(tiny_model("llama")[0], path)
+
+
+def test_prefix_plus_tensors_under_another_peft_type_are_refused_at_load(tmp_path):
+    """`peft_type: LORA` edited into a PrefixPlus adapter would load as a LoRA adapter that changes nothing."""
+    path = saved_adapter(tmp_path)
+    raw = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps(raw | {"peft_type": "LORA", "target_modules": ["q_proj"]}))
+    with pytest.raises(ValueError, match=r"holds PrefixPlus tensors.*peft_type 'LORA'.*PREFIX_PLUS"):
+        PeftModel.from_pretrained(tiny_model("llama")[0], path)
+
+
+def test_other_adapter_types_load_as_before(tmp_path):
+    from peft import LoraConfig
+
+    base = tiny_model("llama")[0]
+    lora = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path)
+    batch = batch_for("CAUSAL_LM")
+    with torch.no_grad():
+        expected = lora.eval()(**batch).logits
+        loaded = PeftModel.from_pretrained(tiny_model("llama")[0], tmp_path).eval()
+        assert torch.equal(loaded(**batch).logits, expected)

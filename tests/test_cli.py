@@ -356,3 +356,31 @@ def test_reader_accepts_what_peft_saves_for_modules_to_save(key, modules_to_save
     else:
         with pytest.raises(AdapterFileError, match="neither PrefixPlus tensors nor modules_to_save"):
             inspect_adapter(src)
+
+
+@pytest.mark.parametrize(
+    ("error", "reported"),
+    [
+        (AdapterFileError("bad adapter"), True),
+        (PermissionError(13, "Permission denied", "dst"), True),
+        (OSError(28, "No space left on device", "dst/adapter_model.safetensors"), True),
+        (ValueError("a bug: not the user's input"), False),
+        (KeyError("a bug"), False),
+        (OSError("an OSError naming no path"), False),
+    ],
+    ids=["project-error", "permission", "os-error-with-path", "value-error", "key-error", "os-error-without-path"],
+)
+def test_only_bad_input_is_reported_without_a_traceback(error, reported, tmp_path, capsys, monkeypatch):
+    """Bad input is one line and exit code 1; any other exception is a bug and propagates with its traceback."""
+    import peft_prefix_plus.files as files
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(files, "merge_adapter", fail)
+    if reported:
+        code, _, err = run_cli(capsys, "merge", tmp_path / "src", tmp_path / "dst")
+        assert code == 1 and err.startswith("prefix-plus merge: error:")
+    else:
+        with pytest.raises(type(error)):
+            main(["merge", str(tmp_path / "src"), str(tmp_path / "dst")])

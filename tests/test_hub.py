@@ -7,12 +7,19 @@ both the environment variables and those constants, with a fresh ``HF_HOME`` per
 
 from __future__ import annotations
 
+import email.message
 import hashlib
+import json
 import logging
 import os
 import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import huggingface_hub.hf_api
+import peft
 import pytest
 import torch
 import transformers.utils.hub
@@ -21,10 +28,14 @@ from hub_server import HubServer
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from peft_prefix_plus import HubPushError, PrefixPlusConfig, push_adapter
-from peft_prefix_plus.card import SECTION_END, SECTION_START
 from peft_prefix_plus.cli import main as cli_main
+from peft_prefix_plus.geometry import build_site_encoders
+from peft_prefix_plus.hub import card as card_module
+from peft_prefix_plus.hub.card import SECTION_END, SECTION_START, write_card
+from peft_prefix_plus.hub.push import summaries_from_dir
 
 REPO = "user/tiny-prefix-plus"
 
@@ -253,7 +264,7 @@ def test_second_push_updates_and_branch_push_leaves_main_intact(hub, tmp_path):
 def test_private_flag_reaches_the_server(hub, tmp_path, capsys):
     model = prefix_plus_model(tmp_path)
     model.save_pretrained(tmp_path / "adapter")
-    code = cli_main(["push", str(tmp_path / "adapter"), REPO, "--private", "--token", hub.token])
+    code = cli_main(["push", REPO, str(tmp_path / "adapter"), "--private", "--token", hub.token])
     assert code == 0, capsys.readouterr().err
     assert f"Pushed {tmp_path / 'adapter'} to {REPO}" in capsys.readouterr().out
 
@@ -275,7 +286,7 @@ def test_server_error_during_commit_is_clear_and_changes_nothing(hub, tmp_path, 
     before = tree_digest(adapter)
     hub.fail_commits = True
 
-    assert cli_main(["push", str(adapter), REPO, "--token", hub.token]) == 1
+    assert cli_main(["push", REPO, str(adapter), "--token", hub.token]) == 1
     err = capsys.readouterr().err
     assert "prefix-plus push: error: Pushing the adapter to user/tiny-prefix-plus failed (HTTP 500)" in err
     assert "The local adapter files were not changed" in err
@@ -313,9 +324,9 @@ def test_token_is_never_printed_logged_or_written(hub, tmp_path, monkeypatch, ca
 
     model.push_to_hub(REPO, token=hub.token, revision="dev")  # token passed in
     monkeypatch.setenv("HF_TOKEN", hub.token)  # token from the environment
-    assert cli_main(["push", str(adapter), REPO, "--private"]) == 0
+    assert cli_main(["push", REPO, str(adapter), "--private"]) == 0
     hub.fail_commits = True  # errors must not reveal it either (new repos: unchanged files are not re-committed)
-    assert cli_main(["push", str(adapter), "user/second"]) == 1
+    assert cli_main(["push", "user/second", str(adapter)]) == 1
     with pytest.raises(HubPushError) as raised:
         push_adapter(adapter, "user/third", token=hub.token)
     assert all(r["authorized"] for r in hub.requests_to("POST", "/commit/"))  # the token was used
@@ -332,3 +343,323 @@ def test_token_is_never_printed_logged_or_written(hub, tmp_path, monkeypatch, ca
     for repo in hub.repos.values():
         for commit in repo.commits.values():
             assert not any(hub.token.encode() in content for content in commit.files.values())
+
+
+# ---------------------------------------------------------------------------------------------------------- 8. which
+def saved_run(tmp_path):
+    """A ``save_pretrained`` directory holding adapters "default" (root) and "other" (subfolder), and beside them a
+    Trainer checkpoint that also holds an adapter_config.json."""
+    model = prefix_plus_model(tmp_path)
+    model.add_adapter("other", PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    run = tmp_path / "run"
+    model.save_pretrained(run)
+    model.save_pretrained(run / "checkpoint-500", selected_adapters=["default"])
+    (run / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    return run
+
+
+@pytest.mark.parametrize("named", [[], ["other"]], ids=["root-only", "other-named"])
+def test_only_named_adapters_are_pushed_and_listed_never_checkpoints(hub, tmp_path, named):
+    run = saved_run(tmp_path)
+    with pytest.warns(UserWarning, match="Not pushed: subfolders checkpoint-500"):
+        push_adapter(run, REPO, token=hub.token, adapter_names=named)
+    files = set(hub.repos[REPO].resolve("main").files)
+    expected = {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors"}
+    expected |= {f"other/{name}" for name in ("adapter_config.json", "adapter_model.safetensors") if named}
+    assert files == expected
+    text = hub.file(REPO, "README.md").decode()
+    assert "checkpoint-500" not in text
+    assert ("#### Adapter `other` (subfolder `other`)" in text) is bool(named)
+    assert [s.name for s in summaries_from_dir(run, named)] == ["default", *named]
+
+
+def test_model_push_lists_every_adapter_of_the_model(hub, tmp_path):
+    model = prefix_plus_model(tmp_path)
+    model.add_adapter("other", PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    model.push_to_hub(REPO, token=hub.token)
+    assert "other/adapter_model.safetensors" in hub.repos[REPO].resolve("main").files
+    assert "#### Adapter `other` (subfolder `other`)" in hub.file(REPO, "README.md").decode()
+
+
+# ---------------------------------------------------------------------------------------------------------- 9. local
+def _bin_only(adapter):
+    torch.save({}, adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+
+
+def _nan(adapter):
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    next(iter(tensors.values())).view(-1)[0] = float("nan")
+    save_file(tensors, path)
+
+
+def _config(**changes):
+    def edit(adapter):
+        path = adapter / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
+
+
+def _file(name: str, text: str):
+    return lambda adapter: (adapter.parent / name).write_text(text)
+
+
+GOOD = ["{repo}", "{dir}", "--token", "{token}"]
+BAD_LOCAL_INPUTS = {
+    # case: (arguments after `push`, what spoils the saved adapter {dir} or its parent {tmp}, expected message)
+    "metrics-missing": ([*GOOD, "--metrics", "{tmp}/missing.json"], None, "missing.json"),
+    "metrics-not-json": ([*GOOD, "--metrics", "{tmp}/m.json"], _file("m.json", "{"), "not valid JSON"),
+    "metrics-not-a-mapping": ([*GOOD, "--metrics", "{tmp}/m.json"], _file("m.json", "[1]"), "must be a mapping"),
+    "bin-only": (GOOD, _bin_only, "only safetensors is supported"),
+    "nan-in-weights": (GOOD, _nan, "non-finite values (NaN or Inf)"),
+    "config-edited": (GOOD, _config(mlp_depth=2), "mlp_depth is 2"),
+    "not-prefix-plus": (GOOD, _config(peft_type="LORA"), "peft_type 'LORA'"),
+    "dir-missing": (["{repo}", "{tmp}/nope"], None, "nope"),
+    "old-argument-order": (["{dir}", "{repo}"], None, "the arguments are REPO_ID then LOCAL_DIR"),
+    "bad-repo-id": (["a/b/c", "{dir}"], None, "not a valid Hub repo id"),
+    "pr-to-a-branch": ([*GOOD, "--create-pr", "--revision", "dev"], None, "pull request is opened against main"),
+    "subfolder-not-an-adapter": ([*GOOD, "--adapter", "nope"], None, "nope"),
+    "adapter-name-is-a-path": ([*GOOD, "--adapter", "../adapter"], None, "is not the name of a subfolder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LOCAL_INPUTS))
+def test_bad_local_input_is_refused_before_any_request(hub, tmp_path, capsys, case):
+    args, spoil, message = BAD_LOCAL_INPUTS[case]
+    adapter = tmp_path / "adapter"
+    prefix_plus_model(tmp_path).save_pretrained(adapter)
+    if spoil:
+        spoil(adapter)
+    before = tree_digest(tmp_path)
+
+    argv = [arg.format(repo=REPO, dir=adapter, tmp=tmp_path, token=hub.token) for arg in args]
+    assert cli_main(["push", *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert hub.requests == [] and hub.repos == {}  # no repo, no branch: nothing reached the Hub
+    assert tree_digest(tmp_path) == before
+
+
+def test_missing_metrics_creates_no_repo_and_no_branch(hub, tmp_path):
+    model = prefix_plus_model(tmp_path)
+    with pytest.raises(HubPushError, match="missing.json.*Nothing was sent to the Hub"):
+        model.push_to_hub(REPO, token=hub.token, revision="dev", metrics=str(tmp_path / "missing.json"))
+    assert hub.requests == [] and hub.repos == {}
+
+
+def test_unreachable_hub_is_a_clear_error(hub, tmp_path, monkeypatch):
+    model = prefix_plus_model(tmp_path)
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    with socket.socket() as probe:  # a port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {**os.environ, "HF_ENDPOINT": closed, "HF_TOKEN": hub.token, "HF_HOME": str(tmp_path / "hf_home")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    env.pop("HF_HUB_OFFLINE", None)
+
+    command = [sys.executable, "-m", "peft_prefix_plus.cli", "push", REPO, str(adapter)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert f"prefix-plus push: error: Could not reach the Hub at {closed} to push {REPO}" in result.stderr
+    assert "Traceback" not in result.stderr and hub.token not in result.stderr + result.stdout
+
+    hub.stop()  # in process too: the fixture's endpoint no longer answers
+    with pytest.raises(HubPushError, match="Could not reach the Hub.*Check the network connection and HF_ENDPOINT"):
+        model.push_to_hub(REPO, token=hub.token)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubPushError, match="HF_HUB_OFFLINE is set. Unset it to push. Nothing was sent to the Hub."):
+        model.push_to_hub(REPO, token=hub.token)
+
+
+# ---------------------------------------------------------------------------------------------------------- 10. CLI
+def test_cli_follows_hf_upload_conventions(hub, tmp_path, monkeypatch, capsys):
+    adapter = tmp_path / REPO.split("/")[1]
+    prefix_plus_model(tmp_path).save_pretrained(adapter)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+
+    # LOCAL_DIR defaults to the folder named like the repository; no --token, no warning.
+    assert cli_main(["push", REPO, "--commit-message", "First", "--commit-description", "BLEU 35.2"]) == 0
+    out, err = capsys.readouterr()
+    assert f"Pushed {adapter.name} to {REPO}" in out and "shell history" not in err
+    repo = hub.repos[REPO]
+    first = repo.commits[repo.branches["main"]]
+    assert (first.message, first.description) == ("First", "BLEU 35.2")
+
+    assert cli_main(["push", REPO, str(adapter), "--revision", "dev", "--token", hub.token]) == 0
+    assert "`--token <value>` leaves your token in your shell history" in capsys.readouterr().err
+    assert "dev" in repo.branches
+
+    assert cli_main(["push", REPO, str(adapter), "--create-pr", "--metrics", _metrics(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{REPO}/discussions/1" in out
+    assert repo.branches["main"] == first.sha  # a pull request leaves main as it was
+    assert "| eval_loss | 0.5 |" in hub.file(REPO, "README.md", "refs/pr/1").decode()
+
+
+def _metrics(tmp_path) -> str:
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"eval_loss": 0.5}))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------- 11. card
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.filterwarnings("ignore:Could not find a config file")  # PEFT looks for the base model's config
+@pytest.mark.parametrize(
+    "recorded, named",
+    [
+        (SMOLLM2, SMOLLM2),  # what the example records
+        (f"/home/me/.cache/huggingface/hub/models--{SMOLLM2.replace('/', '--')}/snapshots/0123abc", SMOLLM2),
+        ("/home/me/models/smollm2", None),  # a local directory: no Hub id is known
+    ],
+    ids=["hub-id", "hf-cache-snapshot", "local-dir"],
+)
+def test_card_names_the_hub_id_of_the_base_model(tmp_path, recorded, named):
+    model = prefix_plus_model(tmp_path)
+    model.peft_config["default"].base_model_name_or_path = recorded
+    model.get_base_model().name_or_path = recorded  # what PEFT's own card writer reads
+    out = tmp_path / "adapter"
+    model.save_pretrained(out)
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == named
+    adapter_tags = [tag for tag in card.data.tags if tag.startswith("base_model:adapter:")]
+    assert adapter_tags == ([f"base_model:adapter:{named}"] if named else [])
+    base = named or recorded
+    assert f'base = AutoModelForCausalLM.from_pretrained("{base}")' in card.text
+    assert ("The base model was a local directory" in card.text) is (named is None)
+
+
+def test_card_opens_with_the_import_and_the_install_from_source(tmp_path, monkeypatch):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(Path(__file__).parents[1] / "pyproject.toml", "rb") as file:
+        urls = tomllib.load(file)["project"]["urls"]
+    assert urls["Repository"].startswith("https://")
+    installed = email.message.Message()
+    for name, url in urls.items():
+        installed["Project-URL"] = f"{name}, {url}"
+    monkeypatch.setattr(card_module.metadata, "metadata", lambda name: installed)  # as pip installs it
+
+    out = tmp_path / "adapter"
+    prefix_plus_model(tmp_path).save_pretrained(out)
+    text = ModelCard.load(out / "README.md").text
+    callout = text[text.index(SECTION_START) + len(SECTION_START) :].strip().split("\n\n")[0]  # the first lines
+    assert callout.startswith("> [!IMPORTANT]\n> Run `import peft_prefix_plus` before loading")
+    assert "KeyError: 'PREFIX_PLUS'" in callout and f"`pip install git+{urls['Repository']}`" in callout
+    usage = text[text.index("### How to use") :]
+    assert usage.index(f"pip install git+{urls['Repository']}") < usage.index("import peft_prefix_plus")
+    assert "pip install peft-prefix-plus" not in text
+
+
+def test_card_builds_on_peft_writer_and_keeps_user_tags(tmp_path):
+    model = prefix_plus_model(tmp_path)
+    model.get_base_model().add_model_tags(["trl", "sft"])  # as TRL's SFTTrainer does; PEFT's writer copies them
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "README.md").write_text("---\ntags:\n- mine\nbase_model: org/chosen-by-me\n---\n\nNotes.\n")
+    model.save_pretrained(out)
+    data = ModelCard.load(out / "README.md").data
+    assert data.tags[0] == "mine" and {"trl", "sft", "transformers", "prefix-plus"} <= set(data.tags)
+    assert data.base_model == "org/chosen-by-me"
+    assert (out / "README.md").read_text().count(f"- PEFT {peft.__version__}") == 1
+
+
+def test_card_counts_trainable_parameters_not_the_text_init_buffer():
+    config = PrefixPlusConfig(
+        num_virtual_tokens=4,
+        init_weights="text",
+        init_text="hello",
+        site_shapes={"self": {"num_layers": 2, "num_key_value_heads": 2, "head_dim": 8}},
+        token_dim=16,
+    )
+    encoders = build_site_encoders(config, device="cpu")
+    state = {f"base_model.model.prefix_plus_layer.prefix_plus_sites.{k}": v for k, v in encoders.state_dict().items()}
+    assert any(key.endswith("prefix_init") for key in state)  # saved with the adapter, but not trained
+    summary = card_module.adapter_summary("default", config, state)
+    assert summary.num_parameters == sum(p.numel() for p in encoders.parameters() if p.requires_grad)
+
+
+def test_card_describes_modules_to_save(tmp_path):
+    config = PrefixPlusConfig(
+        task_type="SEQ_CLS",
+        num_virtual_tokens=4,
+        site_shapes={"self": {"num_layers": 2, "num_key_value_heads": 2, "head_dim": 8}},
+        token_dim=16,
+        base_model_name_or_path="org/bert-tiny",
+    )
+    config.modules_to_save = ["classifier", "score"]  # what PEFT fills in for SEQ_CLS
+    tensors = {
+        "base_model.model.classifier.weight": torch.zeros(3, 16),
+        "base_model.model.classifier.bias": torch.zeros(3),
+    }
+    summary = card_module.adapter_summary("default", config, tensors)
+    assert summary.num_labels == 3
+    text = card_module.update_card(None, [summary], "me/cls").text
+    assert 'AutoModelForSequenceClassification.from_pretrained("org/bert-tiny", num_labels=3)' in text
+    assert "AutoPeftModelForSequenceClassification" in text
+    assert "| Modules saved in full (`modules_to_save`) | `classifier` |" in text  # `score` holds no weights here
+    assert "trained weights of `classifier` (PEFT's `modules_to_save`)" in text
+
+
+@pytest.mark.skipif(
+    "modules_to_save" not in PrefixPlusConfig.__dataclass_fields__,
+    reason="needs PrefixPlusConfig.modules_to_save (branch cls); runs once both branches are merged",
+)
+def test_classifier_card_snippet_loads_the_trained_head(hub, tmp_path):
+    base, task, _ = saved_base(tmp_path, "bert")
+    torch.manual_seed(3)
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)  # a head unlike the base's
+    expected = logits(model, task)
+    model.push_to_hub(REPO, token=hub.token)
+
+    text = ModelCard.load(REPO).text
+    assert "num_labels=3)" in text and "| Modules saved in full (`modules_to_save`) | `classifier` |" in text
+    snippet = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert torch.equal(logits(namespace["model"].eval(), task), expected)
+
+
+INVALID_YAML = "---\ntags: [unclosed\n---\n\n# Mine\n"
+
+
+def test_readme_with_invalid_yaml_is_left_unchanged_with_a_warning(hub, tmp_path):
+    model = prefix_plus_model(tmp_path)
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "README.md").write_text(INVALID_YAML)
+    with pytest.warns(
+        UserWarning, match="README.md could not be updated: its YAML front matter does not parse.*left unchanged"
+    ):
+        model.save_pretrained(out)
+    assert (out / "README.md").read_text() == INVALID_YAML
+    assert (out / "adapter_model.safetensors").is_file()
+    with pytest.warns(UserWarning, match="YAML front matter does not parse"):
+        assert write_card(out, summaries_from_dir(out)) is None
+    assert (out / "README.md").read_text() == INVALID_YAML
+
+
+def test_push_leaves_a_card_with_invalid_yaml_unchanged_and_pushes_the_adapter(hub, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    prefix_plus_model(tmp_path).save_pretrained(adapter)
+    (adapter / "README.md").write_text(INVALID_YAML)
+    with pytest.warns(UserWarning, match="YAML front matter does not parse"):
+        assert cli_main(["push", REPO, str(adapter), "--token", hub.token]) == 0, capsys.readouterr().err
+    assert (adapter / "README.md").read_text() == INVALID_YAML
+    files = hub.repos[REPO].resolve("main").files
+    assert "adapter_model.safetensors" in files and "README.md" not in files
+
+    # A card on the Hub that does not parse stays as it is, too (the client refuses to upload one: edit the server).
+    repo = hub.repos[REPO]
+    repo.add_commit("main", {**repo.resolve("main").files, "README.md": INVALID_YAML.encode()}, "edited on the Hub")
+    with pytest.warns(UserWarning, match="YAML front matter does not parse"):
+        push_adapter(adapter, REPO, token=hub.token)
+    assert hub.file(REPO, "README.md") == INVALID_YAML.encode()

@@ -11,6 +11,7 @@ import torch
 from conftest import batch_for, site_kwargs, tiny_model
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from test_text_init import TEXT, tokenizer_dir  # noqa: F401 - the fixture, shared
 
 from peft_prefix_plus import PrefixPlusConfig, inspect_adapter, merge_adapter
 
@@ -117,6 +118,22 @@ def test_merge_mlp_in_memory_and_on_disk(case, tmp_path):
         base, _ = tiny_model(family)
         reloaded = PeftModel.from_pretrained(base, tmp_path / directory)
         assert (logits(reloaded, batch) - before).abs().max().item() <= FP32_TOLERANCE
+
+
+def test_on_disk_merge_of_a_text_initialised_mlp_equals_the_in_memory_merge(tokenizer_dir, tmp_path):  # noqa: F811
+    """The saved ``prefix_init`` buffer reaches the on-disk merge: it uses the real encoders and merge function."""
+    text = {"init_weights": "text", "init_text": TEXT, "tokenizer_name_or_path": tokenizer_dir}
+    model, _ = make_peft_model("llama", mlp_depth=2, **text)
+    with torch.no_grad():  # a trained-looking MLP, so that the merge adds the MLP's output to prefix_init
+        for param in site_encoders(model)["self"].mlp.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "src")
+    assert any(key.endswith("prefix_init") for key in load_file(tmp_path / "src" / "adapter_model.safetensors"))
+    model.merge_mlp()
+    model.save_pretrained(tmp_path / "memory")
+    merge_adapter(tmp_path / "src", tmp_path / "disk")
+    memory, disk = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("memory", "disk"))
+    assert memory.keys() == disk.keys() and all(torch.equal(memory[key], disk[key]) for key in memory)
 
 
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])

@@ -16,7 +16,7 @@ import torch
 import yaml
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from ..card import CARD_NAME, summaries_from_dir, write_card
+from ..hub.card import CARD_NAME, adapter_summary, write_card
 from ..merge import mark_config_merged, merge_site_encoders
 from .read import KEY_PREFIX, PrefixPlusFiles, read_prefix_plus_adapter, require_finite
 from .write import atomic_directory, check_destination, write_adapter_files
@@ -65,7 +65,10 @@ def refresh_card(directory: Path, adapter_id: str) -> None:
     if not (directory / CARD_NAME).is_file():
         return
     try:
-        write_card(directory, summaries_from_dir(directory), adapter_id=adapter_id)
+        adapter = read_prefix_plus_adapter(directory)
+        write_card(
+            directory, [adapter_summary("default", adapter.config, adapter.all_tensors())], adapter_id=adapter_id
+        )
     except (yaml.YAMLError, ValueError) as error:
         warnings.warn(
             f"The model card {CARD_NAME} could not be updated ({type(error).__name__}: {error}); it is copied "

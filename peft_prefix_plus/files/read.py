@@ -22,9 +22,9 @@ from torch import nn
 
 from ..config import PrefixPlusConfig
 from ..geometry import SiteGeometry, adapter_geometry, build_site_encoders, expected_counts
-from ..layer import PrefixPlusLayer
+from ..layer import PrefixPlusLayer, tensor_mismatches
 from ..model import LAYER_ATTR
-from ..registration import PEFT_TYPE_NAME
+from ..peft_type import PEFT_TYPE_NAME
 from .errors import AdapterFileError
 
 PathLike = Union[str, os.PathLike]
@@ -384,20 +384,12 @@ def _check_shapes(config: PrefixPlusConfig, geometry: dict, header: dict[str, Te
             "match the weights (edited or corrupt)."
         )
     expected = {name: tuple(t.shape) for name, t in build_site_encoders(config).state_dict().items()}
-    for name, info in held.items():
-        if name not in expected:
-            raise AdapterFileError(
-                f"{SAFETENSORS_WEIGHTS_NAME} holds {KEY_PREFIX + name!r}, which {where} (sites {sorted(geometry)}) "
-                "does not call for: the config does not match the weights."
-            )
-        if info.shape != expected[name]:
-            raise AdapterFileError(
-                f"{SAFETENSORS_WEIGHTS_NAME}: tensor {KEY_PREFIX + name!r} has shape {info.shape}, but {where} calls "
-                f"for {expected[name]}: the config does not match the weights."
-            )
-    missing = sorted(set(expected) - set(held))
-    if missing:
-        raise AdapterFileError(f"{SAFETENSORS_WEIGHTS_NAME} lacks tensors that {where} calls for: {missing}.")
+    problems = tensor_mismatches(expected, {name: tuple(info.shape) for name, info in held.items()})
+    if problems:
+        raise AdapterFileError(
+            f"{SAFETENSORS_WEIGHTS_NAME} does not match {where} (sites {sorted(geometry)}): {'; '.join(problems)}. "
+            "The config does not match the weights (edited or corrupt)."
+        )
 
 
 def read_prefix_plus_adapter(directory: PathLike) -> PrefixPlusFiles:
