@@ -28,14 +28,10 @@ from typing import Optional
 
 import torch
 from datasets import Dataset
+from smollm2 import SMOLLM2_NAME, load_model_and_tokenizer  # the offline SmolLM2 loader, beside this script
 from trl import SFTConfig, SFTTrainer
 
 from peft_prefix_plus import PrefixPlusConfig
-
-try:  # the offline SmolLM2 loader, beside this script
-    from smollm2 import SMOLLM2_NAME, load_model_and_tokenizer
-except ImportError:  # older layout: the loader lived in the package
-    from peft_prefix_plus.models import SMOLLM2_NAME, load_model_and_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 INSTRUCTION = "Describe this restaurant in one sentence: {mr}"

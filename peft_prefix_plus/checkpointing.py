@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -42,7 +41,7 @@ from accelerate.utils import load as accelerate_load
 from peft import PeftConfig, PeftModel, load_peft_weights, set_peft_model_state_dict
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from .files.write import atomic_directory  # the package's one atomic directory writer
+from .files.write import atomic_directory, atomic_file  # the package's one atomic writer
 
 PathLike = Union[str, os.PathLike]
 
@@ -268,19 +267,10 @@ def _read_record(root: Path) -> list[str]:
 
 
 def _write_record(root: Path, saved: list[str]) -> None:
-    """Write the record of saves atomically: a temporary file beside it, then `os.replace`."""
+    """Write the record of saves atomically, with the package's one file writer."""
     data = json.dumps({"latest": saved[-1] if saved else None, "saved": saved}, indent=2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{RECORD_FILE}.", suffix=".tmp", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / RECORD_FILE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(root / RECORD_FILE) as tmp:
+        tmp.write_text(data, encoding="utf-8")
 
 
 def list_checkpoints(checkpoint_root: PathLike) -> list[Path]:
@@ -419,7 +409,7 @@ def save_checkpoint(
             try:
                 root.mkdir(parents=True, exist_ok=True)
                 _remove_leftovers(root)
-                shared[0] = str(stack.enter_context(atomic_directory(final, overwrite=True)))
+                shared[0] = str(stack.enter_context(atomic_directory(final, overwrite=True, marker=STATE_FILE)))
             except (OSError, ValueError) as error:
                 shared[1] = f"Cannot write the checkpoint {final}: {error}"
         tmp, problem = broadcast_object_list(shared)  # every process fails alike rather than waiting forever

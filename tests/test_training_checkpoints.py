@@ -236,10 +236,11 @@ def test_a_half_deleted_checkpoint_is_not_listed_and_resuming_it_is_a_clear_erro
         load_checkpoint(make_run()[0], broken)
 
 
-def test_a_step_that_cannot_be_replaced_is_a_clear_error_and_keeps_the_old_checkpoint(tmp_path):
-    accelerator, _, _, _ = make_run({"sft": 3})  # no "default" adapter: nothing marks the folder as an adapter
+def test_a_step_saved_again_is_replaced_even_without_a_default_adapter(tmp_path):
+    """A checkpoint is recognised by its training state, not by an adapter at its root."""
+    accelerator, _, _, _ = make_run({"sft": 3})  # no "default" adapter: no adapter_config.json at the root
     path = save_checkpoint(accelerator, tmp_path, step=1, extra_state={"run": "first"})
-    with pytest.raises(CheckpointError, match="Cannot write the checkpoint .*checkpoint-1.*not a saved adapter"):
-        save_checkpoint(accelerator, tmp_path, step=1, extra_state={"run": "second"})
+    assert save_checkpoint(accelerator, tmp_path, step=1, extra_state={"run": "second"}) == path
     assert list_checkpoints(tmp_path) == [path]
-    assert json.loads((path / "training_state.json").read_text())["run"] == "first"
+    assert json.loads((path / "training_state.json").read_text())["run"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoints.json"], "a backup was left"

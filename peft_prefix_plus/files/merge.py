@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Union
 
 import torch
-import yaml
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ..hub.card import CARD_NAME, adapter_summary, write_card
@@ -64,18 +63,9 @@ def refresh_card(directory: Path, adapter_id: str) -> None:
     """
     if not (directory / CARD_NAME).is_file():
         return
-    try:
-        adapter = read_prefix_plus_adapter(directory)
-        write_card(
-            directory, [adapter_summary("default", adapter.config, adapter.all_tensors())], adapter_id=adapter_id
-        )
-    except (yaml.YAMLError, ValueError) as error:
-        warnings.warn(
-            f"The model card {CARD_NAME} could not be updated ({type(error).__name__}: {error}); it is copied "
-            "unchanged. Fix its YAML front matter to get the generated section.",
-            UserWarning,
-            stacklevel=3,
-        )
+    # a card whose YAML does not parse is warned about and left unchanged by write_card
+    adapter = read_prefix_plus_adapter(directory)
+    write_card(directory, [adapter_summary("default", adapter.config, adapter.all_tensors())], adapter_id=adapter_id)
 
 
 def merged_prefixes(adapter: PrefixPlusFiles, action: str) -> tuple[dict[str, torch.Tensor], bool]:

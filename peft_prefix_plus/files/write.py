@@ -280,6 +280,35 @@ def atomic_directory(
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(path: PathLike) -> Iterator[Path]:
+    """Write one file atomically: yield a temporary path beside ``path``, renamed onto it on success.
+
+    Readers see the old file or the new one, never a partial one; on any error the temporary file is removed and
+    ``path`` is left as it was. The file gets the permissions the caller's write gives it (under the umask).
+
+    Args:
+        path (`str` or `os.PathLike`): The file to write; its directory must exist.
+
+    Example:
+
+    ```py
+    >>> with atomic_file("outputs/checkpoints/checkpoints.json") as tmp:
+    ...     tmp.write_text('{"latest": "checkpoint-30"}')
+    ```
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as written:  # flushed to disk before it replaces the old file
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 def write_adapter_files(directory: Path, config: PeftConfig, tensors: dict[str, torch.Tensor]) -> None:
     """Write an adapter's config and safetensors weights into ``directory``, as `save_pretrained` does, with file
     permissions ``0o666 & ~umask``.

@@ -152,7 +152,11 @@ def summaries_from_model(peft_model: Any) -> list[AdapterSummary]:
     """
     names = sorted(peft_model.peft_config, key=lambda name: name != "default")
     return [
-        adapter_summary(name, peft_model.peft_config[name], get_peft_model_state_dict(peft_model, adapter_name=name))
+        adapter_summary(
+            name,
+            peft_model.peft_config[name],
+            get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False),
+        )
         for name in names
         if isinstance(peft_model.peft_config[name], PrefixPlusConfig)
     ]
