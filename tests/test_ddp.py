@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from accelerate.test_utils import execute_subprocess_async, get_launch_command
 
+pytestmark = pytest.mark.slow  # launches processes; `pytest -m 'not slow'` skips it
+
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,6 +21,8 @@ from training_utils import clear_output_dir
 
 from peft_prefix_plus.checkpointing import list_checkpoints
 
+pytestmark = pytest.mark.slow  # launches processes; `pytest -m 'not slow'` skips it
+
 PHASES = ["loading the model", "evaluating the untuned model", "training", "evaluating the tuned adapter", "merging"]
 PHASES += ["generating", "writing the outputs"]
 
