@@ -252,6 +252,9 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         expected = {name: tuple(t.shape) for name, t in self.prefix_plus_sites[adapter_name].state_dict().items()}
         problems = tensor_mismatches(expected, {name: tuple(t.shape) for name, t in found.items()})
         problems += [f"{name} has dtype {t.dtype}" for name, t in found.items() if not t.is_floating_point()]
+        dtypes = sorted({str(t.dtype) for t in found.values()})
+        if len(dtypes) > 1:
+            problems.append(f"the tensors mix dtypes {dtypes} (one adapter uses one dtype)")
         if problems:
             raise ValueError(
                 f"The saved weights of PrefixPlus adapter {adapter_name!r} do not match its config: "

@@ -205,3 +205,13 @@ def test_other_adapter_types_load_as_before(tmp_path):
         expected = lora.eval()(**batch).logits
         loaded = PeftModel.from_pretrained(tiny_model("llama")[0], tmp_path).eval()
         assert torch.equal(loaded(**batch).logits, expected)
+
+
+def test_mixed_dtypes_are_refused_at_load(tmp_path):
+    path = saved_adapter(tmp_path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("embedding.weight"))
+    tensors[key] = tensors[key].to(torch.float16)
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"mix dtypes \['torch.float16', 'torch.float32'\]"):
+        PeftModel.from_pretrained(tiny_model("llama")[0], path)
