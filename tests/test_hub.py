@@ -607,10 +607,6 @@ def test_card_describes_modules_to_save(tmp_path):
     assert "trained weights of `classifier` (PEFT's `modules_to_save`)" in text
 
 
-@pytest.mark.skipif(
-    "modules_to_save" not in PrefixPlusConfig.__dataclass_fields__,
-    reason="needs PrefixPlusConfig.modules_to_save (branch cls); runs once both branches are merged",
-)
 def test_classifier_card_snippet_loads_the_trained_head(hub, tmp_path):
     base, task, _ = saved_base(tmp_path, "bert")
     torch.manual_seed(3)
