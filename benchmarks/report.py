@@ -98,10 +98,11 @@ ROW_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("part", "part"),
         ("model", "model"),
         ("method", "method"),
-        ("best_lr", "best lr"),
-        ("loss", "loss"),
-        ("metric_1", "metric 1"),
-        ("metric_2", "metric 2"),
+        ("best_lr", "lr"),
+        ("seeds", "seeds"),
+        ("loss_pm", "loss (mean ± std)"),
+        ("metric_1_pm", "metric 1"),
+        ("metric_2_pm", "metric 2"),
     ],
 }
 #: Above this max/min ratio between the repeats of one method, results.md flags the timings as noisy.

@@ -58,9 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seqs", type=int, nargs="+", default=None, help="train suite: sequence lengths (128 512)")
     parser.add_argument(
         "--quality-part",
-        choices=("all", "seq2seq", "smollm2"),
+        choices=("all", "seq2seq", "smollm2", "smollm2_full", "smollm2_low"),
         default="all",
-        help="quality suite: the encoder-decoder part, the SmolLM2 part, or both",
+        help="quality suite: the encoder-decoder part, the SmolLM2 parts (full and low-data training set), or one",
     )
     return parser.parse_args(argv)
 
