@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="all",
         help="quality suite: the encoder-decoder part, the SmolLM2 parts (full and low-data training set), or one",
     )
+    parser.add_argument(
+        "--quality-methods", nargs="+", default=None, help="quality suite, SmolLM2 parts: only these methods"
+    )
+    parser.add_argument(
+        "--quality-seeds", type=int, nargs="+", default=None, help="quality suite, SmolLM2 parts: only these seeds"
+    )
     return parser.parse_args(argv)
 
 
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 kwargs["seqs"] = tuple(args.seqs)
         if name == "quality":
             kwargs["part"] = args.quality_part
+            kwargs["methods"] = tuple(args.quality_methods) if args.quality_methods else None
+            kwargs["seeds"] = tuple(args.quality_seeds) if args.quality_seeds else None
         print(f"[benchmarks] suite {name} ...", flush=True)
         load_before, start = load_average(), time.perf_counter()
         result = module.run(options, **kwargs)

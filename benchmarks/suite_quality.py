@@ -396,8 +396,11 @@ def train_subset(n_train: int, size: int | None) -> list[int]:
     return torch.randperm(n_train, generator=torch.Generator().manual_seed(LM_SUBSET_SEED))[:size].tolist()
 
 
-def run_smollm2(options: RunOptions, setting: str) -> tuple[list[dict], dict]:
-    """Train every method of :data:`LM_METHODS` for each seed in one setting of :data:`LM_SETTINGS`.
+def run_smollm2(
+    options: RunOptions, setting: str, methods: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None
+) -> tuple[list[dict], dict]:
+    """Train ``methods`` (default :data:`LM_METHODS`) for each of ``seeds`` (default :data:`LM_SEEDS`) in one setting
+    of :data:`LM_SETTINGS`.
 
     Each seed fixes the data order (the same for every method) and the adapter's random initialisation. The loss
     curve is the validation loss on the first :data:`LM_EVAL_CURVE` validation examples every
@@ -411,7 +414,11 @@ def run_smollm2(options: RunOptions, setting: str) -> tuple[list[dict], dict]:
     base = base.to(device)
     steps = 2 if smoke else LM_STEPS
     every = 1 if smoke else LM_CURVE_EVERY
-    seeds = LM_SEEDS[:1] if smoke else LM_SEEDS
+    seeds = seeds or (LM_SEEDS[:1] if smoke else LM_SEEDS)
+    methods = methods or LM_METHODS
+    unknown = sorted(set(methods) - set(LM_METHODS))
+    if unknown:
+        raise ValueError(f"unknown quality method(s) {', '.join(unknown)}: choose from {', '.join(LM_METHODS)}")
     n_loss, n_curve, n_gen = (4, 2, 2) if smoke else (LM_EVAL_LOSS, LM_EVAL_CURVE, LM_EVAL_GENERATE)
     new_tokens = 4 if smoke else LM_NEW_TOKENS
     encoder = example.Encoder(tokenizer, False, 128)
@@ -435,7 +442,7 @@ def run_smollm2(options: RunOptions, setting: str) -> tuple[list[dict], dict]:
     stock_generates = stock_prefix_reaches_generate(options.seed)
     for seed in seeds:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        for method in LM_METHODS:
+        for method in methods:
             lr = LM_LRS[method]
             torch.manual_seed(seed)
             start_time = time.perf_counter()
@@ -505,7 +512,6 @@ def run_smollm2(options: RunOptions, setting: str) -> tuple[list[dict], dict]:
         "steps": steps,
         "batch": LM_BATCH,
         "learning_rates": dict(LM_LRS),
-        "seeds": list(seeds),
         "validation_loss_examples": n_loss,
         "curve": f"validation loss on the first {n_curve} validation examples every {every} steps",
         "generation_examples": n_gen,
@@ -640,8 +646,17 @@ def parts_of(part: str) -> tuple[str, ...]:
     return (part,)
 
 
-def run(options: RunOptions, part: str = "all") -> dict:
-    """Run the suite's ``part`` (``"all"``, ``"smollm2"`` or one of :data:`PARTS`) and return its results."""
+def run(
+    options: RunOptions,
+    part: str = "all",
+    methods: tuple[str, ...] | None = None,
+    seeds: tuple[int, ...] | None = None,
+) -> dict:
+    """Run the suite's ``part`` (``"all"``, ``"smollm2"`` or one of :data:`PARTS`) and return its results.
+
+    ``methods`` and ``seeds`` narrow the SmolLM2 grid (default: all of :data:`LM_METHODS` and :data:`LM_SEEDS`);
+    :func:`combine` then adds the new runs to the stored ones of the same part.
+    """
     settings, runs = {}, {}
     for name in parts_of(part):
         if name == "seq2seq":
@@ -653,7 +668,7 @@ def run(options: RunOptions, part: str = "all") -> dict:
             finally:
                 torch.set_num_threads(threads)
         else:
-            runs[name], settings[name] = run_smollm2(options, name.removeprefix("smollm2_"))
+            runs[name], settings[name] = run_smollm2(options, name.removeprefix("smollm2_"), methods, seeds)
     result = {"suite": "quality", "settings": settings, "runs": runs}
     return finish(result)
 
@@ -675,19 +690,39 @@ def finish(result: dict) -> dict:
 _RUN_FACTS = ("command", "date", "wall_s", "load_before", "load_after", "environment")
 
 
-def combine(previous: dict | None, result: dict) -> dict:
-    """Add to ``result`` the parts of ``previous`` (the stored quality results) that ``result`` did not run.
+def _run_key(run: dict) -> tuple:
+    return run["method"], run.get("seed")
 
-    ``--quality-part smollm2_low`` then replaces only the low-data SmolLM2 figures. Each part keeps the command,
-    date and wall time of the run that produced it under ``part_runs``. Parts that this version of the suite no
-    longer has (the single-seed ``smollm2`` part of earlier versions) are dropped.
+
+def combine(previous: dict | None, result: dict) -> dict:
+    """Add to ``result`` what ``previous`` (the stored quality results) holds and ``result`` did not run.
+
+    Whole parts: ``--quality-part smollm2_low`` keeps the stored seq2seq and full-data figures. Within a SmolLM2
+    part, runs: ``--quality-seeds 2 --quality-methods lora_r8`` adds that run to the stored runs of the part (a run
+    of the same method and seed is replaced, the untuned baseline is the newest). Each part keeps the command, date
+    and wall time of every run that produced it under ``part_runs`` (``earlier`` lists the older ones). Parts that
+    this version of the suite no longer has (the single-seed ``smollm2`` part of earlier versions) are dropped.
     """
+    previous = previous or {}
     facts = {part: {k: result.get(k) for k in _RUN_FACTS} for part in result.get("runs", {})}
-    kept = [part for part in (previous or {}).get("runs", {}) if part not in facts and part in PARTS]
-    for part in kept:
-        result["runs"][part] = previous["runs"][part]
-        result["settings"][part] = previous["settings"][part]
-        facts[part] = previous.get("part_runs", {}).get(part) or {k: previous.get(k) for k in _RUN_FACTS}
+    for part, old_runs in previous.get("runs", {}).items():
+        if part not in PARTS:
+            continue
+        old_facts = previous.get("part_runs", {}).get(part) or {k: previous.get(k) for k in _RUN_FACTS}
+        if part not in facts:
+            result["runs"][part] = old_runs
+            result["settings"][part] = previous["settings"][part]
+            facts[part] = old_facts
+        elif part.startswith("smollm2"):
+            new = {_run_key(r) for r in result["runs"][part]}
+            kept = [r for r in old_runs if _run_key(r) not in new and r["method"] != "untuned"]
+            if kept:
+                result["runs"][part] = result["runs"][part] + kept
+                earlier = old_facts.pop("earlier", [])
+                facts[part]["earlier"] = [*earlier, old_facts]
+    for part, runs in result["runs"].items():
+        if part.startswith("smollm2"):
+            result["settings"][part]["seeds"] = sorted({r["seed"] for r in runs if r.get("seed") is not None})
     result["part_runs"] = {part: facts[part] for part in PARTS if part in facts}
     result["runs"] = {part: result["runs"][part] for part in PARTS if part in result["runs"]}
     return finish(result)

@@ -90,6 +90,25 @@ def test_quality_parts_run_separately_are_combined(tmp_path: Path) -> None:
     assert {t["case"] for t in quality["targets"]} == {"full", "low"}  # targets come from the combined parts
 
 
+def test_quality_runs_of_one_part_combine_across_commands(tmp_path: Path) -> None:
+    """More seeds of some methods, run later, are added to the stored runs of the part (the grid can be split)."""
+    out = ["--suite", "quality", "--smoke", "--out", str(tmp_path), "--quality-part", "smollm2_low"]
+    assert bench.main(out) == 0
+    assert bench.main([*out, "--quality-methods", "pp_text", "lora_r8", "--quality-seeds", "1", "2"]) == 0
+    quality = json.loads((tmp_path / "results.json").read_text())["suites"]["quality"]
+    seeds = {}
+    for run in quality["runs"]["smollm2_low"]:
+        seeds.setdefault(run["method"], set()).add(run["seed"])
+    assert seeds.pop("untuned") == {None}
+    assert seeds == {m: ({0, 1, 2} if m in ("pp_text", "lora_r8") else {0}) for m in suite_quality.LM_METHODS}
+    rows = {row["method"]: row for row in quality["rows"] if row["part"] == "smollm2_low"}
+    assert rows["pp_text"]["seeds"] == 3 and "±" in rows["pp_text"]["loss_pm"]
+    assert quality["settings"]["smollm2_low"]["seeds"] == [0, 1, 2]
+    assert len(quality["part_runs"]["smollm2_low"]["earlier"]) == 1
+    with pytest.raises(ValueError, match="unknown quality method.*choose from"):
+        bench.main([*out, "--quality-methods", "pp_nothing"])
+
+
 def test_quality_combine_drops_the_single_seed_smollm2_part() -> None:
     """Results of the earlier single-part SmolLM2 suite are not mixed with the per-setting parts."""
     previous = {
