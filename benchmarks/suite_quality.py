@@ -773,7 +773,7 @@ def plot(result: dict, out_dir: str) -> list[str]:
             untuned = [r for r in result["runs"][part] if r["method"] == "untuned"]
             if untuned:
                 ax.axhline(untuned[0]["curve_loss"][0], color="grey", linestyle=":", label="untuned")
-            examples = mine[0].get("train_examples") if runs else None
+            examples = runs[0].get("train_examples") if runs else None
             ax.set_title(f"{part}: {examples} training examples" if examples else part)
             ax.set_xlabel("step")
             ax.set_yscale("log")

@@ -107,6 +107,12 @@ def test_quality_runs_of_one_part_combine_across_commands(tmp_path: Path) -> Non
     assert len(quality["part_runs"]["smollm2_low"]["earlier"]) == 1
     with pytest.raises(ValueError, match="unknown quality method.*choose from"):
         bench.main([*out, "--quality-methods", "pp_nothing"])
+    # a narrowed run into an empty folder: the table and the plot show the methods that ran
+    fresh = ["--suite", "quality", "--smoke", "--out", str(tmp_path / "fresh"), "--quality-part", "smollm2_low"]
+    assert bench.main([*fresh, "--quality-methods", "pp_text"]) == 0
+    quality = json.loads((tmp_path / "fresh" / "results.json").read_text())["suites"]["quality"]
+    assert [row["method"] for row in quality["rows"]] == ["pp_text"]
+    assert (tmp_path / "fresh" / "quality_smollm2_loss.png").stat().st_size > 0
 
 
 def test_quality_combine_drops_the_single_seed_smollm2_part() -> None:
