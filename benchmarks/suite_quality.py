@@ -414,7 +414,7 @@ def run_smollm2(
     base = base.to(device)
     steps = 2 if smoke else LM_STEPS
     every = 1 if smoke else LM_CURVE_EVERY
-    narrowed = methods is not None or seeds is not None
+    narrowed = methods is not None  # a run of only some methods adds to stored runs, with their baseline
     seeds = seeds or (LM_SEEDS[:1] if smoke else LM_SEEDS)
     methods = methods or LM_METHODS
     unknown = sorted(set(methods) - set(LM_METHODS))
@@ -436,7 +436,7 @@ def run_smollm2(
         send_to_device(encoder.collate_eval(val[i : min(i + 15, n_gen)]), device) for i in range(0, n_gen, 15)
     ]
     runs = []
-    if not narrowed:  # a narrowed run adds to stored runs, which have the untuned baseline already
+    if not narrowed:
         untuned = lm_eval_losses(base, example, loss_batches)
         runs.append({"method": "untuned", "setting": setting, "lr": None, "seed": None,
                      "eval_loss": _token_mean(*untuned), "curve_loss": [_token_mean(*untuned, n_curve)]})  # fmt: skip
@@ -702,8 +702,8 @@ def combine(previous: dict | None, result: dict) -> dict:
 
     Whole parts: ``--quality-part smollm2_low`` keeps the stored seq2seq and full-data figures. Within a SmolLM2
     part, runs: ``--quality-seeds 2 --quality-methods lora_r8`` adds that run to the stored runs of the part (a run
-    of the same method and seed is replaced; narrowed runs do not measure the untuned baseline, the stored one is
-    kept). Each part keeps the command, date and wall time of every run that produced it under ``part_runs``
+    of the same method and seed is replaced; a run of only some methods does not measure the untuned baseline, the
+    stored one is kept). Each part keeps the command, date and wall time of every run that produced it under ``part_runs``
     (``earlier`` lists the older ones). Parts that this version of the suite no longer has (the single-seed
     ``smollm2`` part of earlier versions) are dropped.
     """
