@@ -766,10 +766,12 @@ def plot(result: dict, out_dir: str) -> list[str]:
                     continue
                 curves = torch.tensor([r["curve_loss"] for r in mine])
                 mean = curves.mean(0)
-                line = ax.plot(mine[0]["curve_steps"], mean, label=f"{method} (lr {mine[0]['lr']:g})", linewidth=1.5)
+                color = f"C{LM_METHODS.index(method)}"  # one colour per method in every panel
+                label = f"{method} (lr {mine[0]['lr']:g}, {len(mine)} seed{'s' if len(mine) > 1 else ''})"
+                ax.plot(mine[0]["curve_steps"], mean, label=label, linewidth=1.5, color=color)
                 if len(mine) > 1:
                     ax.fill_between(mine[0]["curve_steps"], curves.min(0).values, curves.max(0).values,
-                                    color=line[0].get_color(), alpha=0.2)  # fmt: skip
+                                    color=color, alpha=0.2)  # fmt: skip
             untuned = [r for r in result["runs"][part] if r["method"] == "untuned"]
             if untuned:
                 ax.axhline(untuned[0]["curve_loss"][0], color="grey", linestyle=":", label="untuned")
@@ -778,8 +780,8 @@ def plot(result: dict, out_dir: str) -> list[str]:
             ax.set_xlabel("step")
             ax.set_yscale("log")
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("validation loss (mean over seeds; band: min–max)")
-        axes[0][-1].legend(fontsize=7)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("validation loss, first 40 examples\n(mean over seeds; band: min–max)")
         fig.suptitle("Quality, SmolLM2-135M data-to-text: validation loss during training")
         fig.tight_layout()
         fig.savefig(f"{out_dir}/quality_smollm2_loss.png", dpi=100)
