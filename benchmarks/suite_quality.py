@@ -595,7 +595,8 @@ def lm_targets(rows: list[dict]) -> list[dict]:
             if a in by and b in by and by[a].get(key) is not None and by[b].get(key) is not None:
                 value, ref = by[a][key], by[b][key]
                 targets.append({"measurement": measurement, "case": setting, "comparison": f"{a} vs {b}",
-                                "ratio": f"{value:.4f} vs {ref:.4f} ({value - ref:+.4f})", "target": target,
+                                "ratio": f"{value:.4f} vs {ref:.4f} ({value - ref:+.4f}; {by[a]['seeds']} vs {by[b]['seeds']} seeds)",
+                                "target": target,
                                 "met": value <= ref if "≤" in target else value < ref})  # fmt: skip
         if "lora_r8" in by:
             for method in ("pp_mlp1", "pp_text", "stock_proj"):
