@@ -98,10 +98,11 @@ ROW_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("part", "part"),
         ("model", "model"),
         ("method", "method"),
-        ("best_lr", "best lr"),
-        ("loss", "loss"),
-        ("metric_1", "metric 1"),
-        ("metric_2", "metric 2"),
+        ("best_lr", "lr"),
+        ("seeds", "seeds"),
+        ("loss_pm", "loss (mean ± std)"),
+        ("metric_1_pm", "metric 1"),
+        ("metric_2_pm", "metric 2"),
     ],
 }
 #: Above this max/min ratio between the repeats of one method, results.md flags the timings as noisy.
@@ -137,8 +138,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         if all(facts.get("command") == suite.get("command") for facts in part_runs.values()):
             part_runs = {}  # one run produced every part
         for part, facts in part_runs.items():
-            parts += [f"- part `{part}`: `{facts.get('command')}`, {facts.get('date')}, wall time "
-                      f"{facts.get('wall_s') or float('nan'):.0f} s", ""]  # fmt: skip
+            for run in [*facts.get("earlier", []), facts]:
+                parts += [f"- part `{part}`: `{run.get('command')}`, {run.get('date')}, wall time "
+                          f"{run.get('wall_s') or float('nan'):.0f} s", ""]  # fmt: skip
         parts += ["Settings:", ""] + [f"- {k}: {v}" for k, v in suite.get("settings", {}).items()] + [""]
         rows = [dict(r) for r in suite.get("rows", [])]
         for row in rows:

@@ -58,9 +58,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seqs", type=int, nargs="+", default=None, help="train suite: sequence lengths (128 512)")
     parser.add_argument(
         "--quality-part",
-        choices=("all", "seq2seq", "smollm2"),
+        choices=("all", "seq2seq", "smollm2", "smollm2_full", "smollm2_low"),
         default="all",
-        help="quality suite: the encoder-decoder part, the SmolLM2 part, or both",
+        help="quality suite: the encoder-decoder part, the SmolLM2 parts (full and low-data training set), or one",
+    )
+    parser.add_argument(
+        "--quality-methods", nargs="+", default=None, help="quality suite, SmolLM2 parts: only these methods"
+    )
+    parser.add_argument(
+        "--quality-seeds", type=int, nargs="+", default=None, help="quality suite, SmolLM2 parts: only these seeds"
     )
     return parser.parse_args(argv)
 
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 kwargs["seqs"] = tuple(args.seqs)
         if name == "quality":
             kwargs["part"] = args.quality_part
+            kwargs["methods"] = tuple(args.quality_methods) if args.quality_methods else None
+            kwargs["seeds"] = tuple(args.quality_seeds) if args.quality_seeds else None
         print(f"[benchmarks] suite {name} ...", flush=True)
         load_before, start = load_average(), time.perf_counter()
         result = module.run(options, **kwargs)

@@ -16,19 +16,34 @@ over seeds. This shows how much each placement can steer *these* frozen random m
 steering; it does not show how the methods compare on pretrained models, whose encoders already compute useful
 features, nor on natural-language tasks.
 
-Part ``smollm2`` (decoder-only, real weights). SmolLM2-135M-Instruct (offline copy, ``examples/smollm2.py``)
-on the project's E2E-style data-to-text task (``examples/data``, prompt and metrics of
-``examples/train_data_to_text.py``): stock PEFT prefix with projection, stock raw prefix, PrefixPlus raw,
-PrefixPlus with ``mlp_depth`` 1 and 2, and LoRA r=8 as a reference. Same steps, learning rates and seed for all;
-validation loss for every learning rate, BLEU and slot coverage (greedy generation) for the best one. Where stock
-PEFT's ``generate()`` drops its prefix (transformers 5.24 with peft 0.21.2, checked on every run), the trained stock
-prefix generates through a PrefixPlus copy that computes the same logits (:func:`stock_as_prefix_plus`).
+Part ``smollm2`` (decoder-only, real weights), in two settings that run as separate parts: ``smollm2_full`` (the
+whole training split, 1,000 examples) and ``smollm2_low`` (a fixed draw of 50 training examples, where the
+initialisation should matter most). SmolLM2-135M-Instruct (offline copy, ``examples/smollm2.py``) on the
+project's E2E-style data-to-text task (``examples/data``, prompt and metrics of ``examples/train_data_to_text.py``).
+Methods, each with its library's defaults apart from a prefix of 10 virtual tokens: stock PEFT prefix with
+projection (``stock_proj``) and raw (``stock_raw``), PrefixPlus defaults (``pp_mlp1``: MLP depth 1, input and hidden
+width = the key/value width, 192), PrefixPlus with ``mlp_depth=2`` (``pp_mlp2``), PrefixPlus defaults initialised
+from text (``pp_text``, :data:`LM_INIT_TEXT`: the example's instruction and ``Data:``, exactly 10 tokens), and LoRA
+r=8 as a reference. 30 steps of batch 8, 3 seeds; a seed fixes the data order (the same for every method) and the
+random initialisation. Reported per method: the validation loss curve, the final validation loss, and BLEU and slot
+coverage of greedy generations, as mean ± std over the seeds.
+
+One learning rate per method (:data:`LM_LRS`), not a sweep (a sweep picks the luckiest seed's winner). The MLP
+methods get the learning rate at which one AdamW step moves the prefix by about 0.27 of its norm, the step size of
+the previous single-seed suite's best MLP setting (stock with projection, input 192, hidden 512, lr 1e-3, validation
+loss 0.594); measured on SmolLM2 with each method's default widths: stock and PrefixPlus depth 1 move 0.137 per
+1e-3 (so 2e-3), depth 2 moves 0.209 per 1e-3 (so 1.3e-3). ``pp_text`` uses ``pp_mlp1``'s rate, so the
+initialisation is the only difference. Raw prefixes and LoRA use 1e-2, their best of 1e-3/3e-3/1e-2 in that suite.
+
+Where stock PEFT's ``generate()`` drops its prefix (transformers 5.24 with peft 0.21.2, checked on every run), the
+trained stock prefix generates through a PrefixPlus copy that computes the same logits (:func:`stock_as_prefix_plus`).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
 import statistics
 import sys
@@ -65,14 +80,29 @@ S2S_METHODS = ("pp_3_sites", "pp_decoder_only", "stock")
 
 # ------------------------------------------------------------------------------------------- SmolLM2 settings
 LM_PREFIX = 10
-LM_STEPS = 30  # 18 runs (6 methods x 3 learning rates) must fit the suite's 60-minute budget on 2 CPU cores
+LM_STEPS = 30
 LM_BATCH = 8
-LM_LRS = (1e-3, 3e-3, 1e-2)
-LM_SEEDS = (0,)
-LM_EVAL_LOSS = 100  # validation examples for the loss
-LM_EVAL_GENERATE = 50  # validation examples generated for BLEU and slot coverage (best learning rate only)
-LM_NEW_TOKENS = 48
-LM_METHODS = ("stock_proj", "stock_raw", "pp_raw", "pp_mlp1", "pp_mlp2", "lora_r8")
+#: One learning rate per method (see the module docstring for why these).
+LM_LRS = {  # in run order: should a run be cut short, the methods the targets compare have their seeds first
+    "stock_proj": 2e-3,
+    "pp_mlp1": 2e-3,
+    "pp_text": 2e-3,
+    "lora_r8": 1e-2,
+    "pp_mlp2": 1.3e-3,
+    "stock_raw": 1e-2,
+}
+LM_METHODS = tuple(LM_LRS)
+LM_SEEDS = (0, 1, 2)
+#: Training-set size per setting: None = the whole training split; the low-data subset is a fixed draw.
+LM_SETTINGS = {"full": None, "low": 50}
+LM_SUBSET_SEED = 1234
+LM_EVAL_LOSS = 100  # validation examples for the final loss
+LM_EVAL_CURVE = 40  # the first validation examples, for the loss curve
+LM_CURVE_EVERY = 10  # steps between points of the loss curve
+LM_EVAL_GENERATE = 20  # validation examples generated for BLEU and slot coverage, per seed
+LM_NEW_TOKENS = 40
+#: init_text of pp_text: the first 10 SmolLM2 tokens of the example's prompt (its instruction and "Data:").
+LM_INIT_TEXT = "Describe the restaurant in one sentence.\nData:"
 
 
 # =========================================================================================== seq2seq part
@@ -143,6 +173,18 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses
+
+
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], batch: dict
+) -> float:
+    """One AdamW step with the gradient norm clipped at 1; returns the training loss."""
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def run_seq2seq(options: RunOptions) -> tuple[list[dict], dict]:
@@ -227,19 +269,46 @@ def _example_module() -> Any:
     return module
 
 
-def lm_config(method: str, width: int) -> peft.PeftConfig:
+def lm_config(method: str, smoke: bool = False) -> peft.PeftConfig:
+    """The adapter of ``method``: each library's defaults apart from the prefix length (and LoRA's targets)."""
     if method == "lora_r8":
         return peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     if method.startswith("stock"):
         return peft.PrefixTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=LM_PREFIX, prefix_projection=method == "stock_proj",
-            encoder_hidden_size=width,
+            task_type="CAUSAL_LM", num_virtual_tokens=LM_PREFIX, prefix_projection=method == "stock_proj"
+        )
+    if method == "pp_text":
+        text, tokenizer = (SMOKE_INIT_TEXT, _smoke_tokenizer_dir()) if smoke else (LM_INIT_TEXT, _smollm2_dir())
+        return PrefixPlusConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=LM_PREFIX, init_weights="text", init_text=text,
+            tokenizer_name_or_path=tokenizer,
         )  # fmt: skip
-    depth = {"pp_raw": 0, "pp_mlp1": 1, "pp_mlp2": 2}[method]
     return PrefixPlusConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=LM_PREFIX, prefix_projection=depth > 0, mlp_depth=max(depth, 1),
-        mlp_hidden_size=width,
-    )  # fmt: skip
+        task_type="CAUSAL_LM", num_virtual_tokens=LM_PREFIX, mlp_depth={"pp_mlp1": 1, "pp_mlp2": 2}[method]
+    )
+
+
+SMOKE_INIT_TEXT = "w5 w6 w7"
+
+
+def _smollm2_dir() -> str:
+    from smollm2 import smollm2_local_dir
+
+    return str(smollm2_local_dir())
+
+
+def _smoke_tokenizer_dir() -> str:
+    """A word-level tokenizer ("wN" is token N) over the smoke model's vocabulary, saved once in a temporary folder."""
+    import tempfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = Path(tempfile.gettempdir()) / "prefix_plus_smoke_tokenizer"
+    if not (path / "tokenizer.json").exists():
+        backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)} | {"[UNK]": 2}, unk_token="[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
+    return str(path)
 
 
 def _load_lm(smoke: bool) -> tuple[torch.nn.Module, Any, str]:
@@ -258,15 +327,21 @@ def _load_lm(smoke: bool) -> tuple[torch.nn.Module, Any, str]:
 
 
 @torch.no_grad()
-def lm_eval_loss(model: torch.nn.Module, example: Any, batches: list[dict]) -> float:
+def lm_eval_losses(model: torch.nn.Module, example: Any, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed token losses and token counts over ``batches`` (in order)."""
     model.eval()
-    total = tokens = 0.0
+    losses, counts = [], []
     for batch in batches:
-        losses, counts = example.example_losses(model, batch)
-        total += float(losses.sum())
-        tokens += float(counts.sum())
+        loss, count = example.example_losses(model, batch)
+        losses.append(loss.float().cpu())
+        counts.append(count.float().cpu())
     model.train()
-    return total / max(tokens, 1.0)
+    return torch.cat(losses), torch.cat(counts)
+
+
+def _token_mean(losses: torch.Tensor, counts: torch.Tensor, n: int | None = None) -> float:
+    """Validation loss per target token over the first ``n`` examples (all when ``None``)."""
+    return float(losses[:n].sum() / counts[:n].sum().clamp(min=1))
 
 
 @torch.no_grad()
@@ -317,99 +392,154 @@ def stock_as_prefix_plus(stock: peft.PeftModel, base: torch.nn.Module, batch: di
     return copy_model, difference
 
 
-def run_smollm2(options: RunOptions) -> tuple[list[dict], dict]:
+def train_subset(n_train: int, size: int | None) -> list[int]:
+    """Indices of the training examples of a setting: all of them, or a fixed random draw of ``size``."""
+    if size is None or size >= n_train:
+        return list(range(n_train))
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(LM_SUBSET_SEED))[:size].tolist()
+
+
+def run_smollm2(
+    options: RunOptions, setting: str, methods: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None
+) -> tuple[list[dict], dict]:
+    """Train ``methods`` (default :data:`LM_METHODS`) for each of ``seeds`` (default :data:`LM_SEEDS`) in one setting
+    of :data:`LM_SETTINGS`.
+
+    Each seed fixes the data order (the same for every method) and the adapter's random initialisation. The loss
+    curve is the validation loss on the first :data:`LM_EVAL_CURVE` validation examples every
+    :data:`LM_CURVE_EVERY` steps; the final loss is over :data:`LM_EVAL_LOSS` examples; every seed's model then
+    generates the first :data:`LM_EVAL_GENERATE` validation examples (greedy) for BLEU and slot coverage.
+    """
     example = _example_module()
     smoke = options.smoke
     base, tokenizer, model_name = _load_lm(smoke)
     device = options.device
     base = base.to(device)
     steps = 2 if smoke else LM_STEPS
-    lrs = LM_LRS[1:2] if smoke else LM_LRS
-    seeds = LM_SEEDS
-    width = 16 if smoke else 512
-    n_loss, n_gen = (4, 2) if smoke else (LM_EVAL_LOSS, LM_EVAL_GENERATE)
+    every = 1 if smoke else LM_CURVE_EVERY
+    narrowed = methods is not None  # a run of only some methods adds to stored runs, with their baseline
+    seeds = seeds or (LM_SEEDS[:1] if smoke else LM_SEEDS)
+    methods = methods or LM_METHODS
+    unknown = sorted(set(methods) - set(LM_METHODS))
+    if unknown:
+        raise ValueError(f"unknown quality method(s) {', '.join(unknown)}: choose from {', '.join(LM_METHODS)}")
+    n_loss, n_curve, n_gen = (4, 2, 2) if smoke else (LM_EVAL_LOSS, LM_EVAL_CURVE, LM_EVAL_GENERATE)
     new_tokens = 4 if smoke else LM_NEW_TOKENS
     encoder = example.Encoder(tokenizer, False, 128)
     train_rows = example.read_split(example.DATA_DIR, "train")
     val_rows = example.read_split(example.DATA_DIR, "validation")
-    train = [encoder.encode(r, i) for i, r in enumerate(train_rows)]
+    subset = train_subset(len(train_rows), 8 if smoke and LM_SETTINGS[setting] else LM_SETTINGS[setting])
+    train = [encoder.encode(train_rows[i], i) for i in subset]
     val = [encoder.encode(r, i) for i, r in enumerate(val_rows[:n_loss])]
-    loss_batches = [send_to_device(encoder.collate(val[i : i + 25]), device) for i in range(0, len(val), 25)]
-    gen_batches = [
-        send_to_device(encoder.collate_eval(val[i : min(i + 25, n_gen)]), device) for i in range(0, n_gen, 25)
+    loss_batches = [send_to_device(encoder.collate(val[i : i + 20]), device) for i in range(0, len(val), 20)]
+    curve_batches = [
+        send_to_device(encoder.collate(val[i : min(i + 20, n_curve)]), device) for i in range(0, n_curve, 20)
     ]
-    runs = [{"method": "untuned", "lr": None, "seed": None, "eval_loss": lm_eval_loss(base, example, loss_batches)}]
+    gen_batches = [
+        send_to_device(encoder.collate_eval(val[i : min(i + 15, n_gen)]), device) for i in range(0, n_gen, 15)
+    ]
+    runs = []
+    if not narrowed:
+        untuned = lm_eval_losses(base, example, loss_batches)
+        runs.append({"method": "untuned", "setting": setting, "lr": None, "seed": None,
+                     "eval_loss": _token_mean(*untuned), "curve_loss": [_token_mean(*untuned, n_curve)]})  # fmt: skip
     from .suite_decode import stock_prefix_reaches_generate
 
     stock_generates = stock_prefix_reaches_generate(options.seed)
-    best_models: dict[str, tuple[float, dict]] = {}
-    for method in LM_METHODS:
-        for lr in lrs:
-            for seed in seeds:
-                torch.manual_seed(seed)
-                model = peft.get_peft_model(copy.deepcopy(base), lm_config(method, width))
-                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-                position = iter(range(10**9))
+    for seed in seeds:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        for method in methods:
+            lr = LM_LRS[method]
+            torch.manual_seed(seed)
+            start_time = time.perf_counter()
+            model = peft.get_peft_model(copy.deepcopy(base), lm_config(method, smoke))
+            position = iter(range(10**9))
 
-                def next_batch(order: list[int] = order, position: Any = position) -> dict[str, torch.Tensor]:
-                    start = next(position) * LM_BATCH % len(order)
-                    return send_to_device(
-                        encoder.collate([train[order[(start + j) % len(order)]] for j in range(LM_BATCH)]), device
+            def next_batch(order: list[int] = order, position: Any = position) -> dict[str, torch.Tensor]:
+                start = next(position) * LM_BATCH % len(order)
+                return send_to_device(
+                    encoder.collate([train[order[(start + j) % len(order)]] for j in range(LM_BATCH)]), device
+                )
+
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            curve = [_token_mean(*lm_eval_losses(model, example, curve_batches))]
+            losses: list[float] = []
+            for step in range(1, steps + 1):
+                losses.append(train_step(model, optimizer, params, next_batch()))
+                if step % every == 0 and step < steps:
+                    curve.append(_token_mean(*lm_eval_losses(model, example, curve_batches)))
+            final = lm_eval_losses(model, example, loss_batches)
+            curve.append(_token_mean(*final, n_curve))  # the curve's last point comes from the final evaluation
+            run = {
+                "method": method, "setting": setting, "lr": lr, "seed": seed, "eval_loss": _token_mean(*final),
+                "curve_loss": curve, "curve_steps": [*range(0, steps, every), steps], "train_losses": losses,
+                "trainable_params": sum(p.numel() for p in params), "train_examples": len(train),
+            }  # fmt: skip
+            if math.isfinite(run["eval_loss"]):
+                generator = model
+                if method.startswith("stock") and not stock_generates:
+                    generator, difference = stock_as_prefix_plus(model, base, loss_batches[0])
+                    run["generated_by"] = (
+                        f"a PrefixPlus copy of the trained stock prefix (max |logit difference| {difference:.2g})"
                     )
-
-                start_time = time.perf_counter()
-                losses = train_steps(model, next_batch, steps, lr)
-                loss = lm_eval_loss(model, example, loss_batches)
-                run = {
-                    "method": method, "lr": lr, "seed": seed, "eval_loss": loss, "train_losses": losses,
-                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                    "train_s": time.perf_counter() - start_time,
-                }  # fmt: skip
-                runs.append(run)
-                print(
-                    f"[quality] smollm2 {method} lr {lr}: validation loss {loss:.3f} ({run['train_s']:.0f} s)",
-                    flush=True,
+                run.update(
+                    lm_generate_metrics(generator, example, tokenizer, val_rows[:n_gen], gen_batches, new_tokens)
                 )
-                if math.isfinite(loss) and (method not in best_models or loss < best_models[method][0]):
-                    best_models[method] = (loss, run)
-                    run["_model"] = model
-        # generate with the best learning rate of this method only, then free its model
-        if method in best_models:
-            best_run = best_models[method][1]
-            model = best_run["_model"]
-            if method.startswith("stock") and not stock_generates:
-                model, difference = stock_as_prefix_plus(model, base, loss_batches[0])
-                best_run["generated_by"] = (
-                    f"a PrefixPlus copy of the trained stock prefix (max |logit difference| {difference:.2g})"
-                )
-            best_run.update(lm_generate_metrics(model, example, tokenizer, val_rows[:n_gen], gen_batches, new_tokens))
-            del model
-        for run in runs:
-            run.pop("_model", None)
+                del generator
+            run["run_s"] = time.perf_counter() - start_time
+            runs.append(run)
+            # one JSON line per run, so that an interrupted run's figures can still be recovered from its log
+            print("[quality-run] " + json.dumps({k: v for k, v in run.items() if k != "samples"}), flush=True)
+            print(
+                f"[quality] smollm2 {setting} seed {seed} {method} lr {lr}: validation loss {curve[0]:.3f} -> "
+                f"{run['eval_loss']:.3f}, BLEU {run.get('bleu', float('nan')):.1f} ({run['run_s']:.0f} s)",
+                flush=True,
+            )
+            del model, optimizer
+    size = LM_SETTINGS[setting]
     settings = {
         "model": model_name,
         "task": "E2E-style data-to-text, examples/data (1,000 train / 200 validation)",
-        "prefix": f"{LM_PREFIX} virtual tokens; MLP width {width}; LoRA r=8 on q_proj, v_proj",
+        "training_examples": f"{len(train)} ("
+        + ("the whole training split" if size is None else f"a fixed random draw, seed {LM_SUBSET_SEED}")
+        + "); data order per seed, the same for every method",
+        "methods": {
+            "stock_proj": "stock PrefixTuningConfig, prefix_projection=True, its default widths (input = encoder "
+            "hidden = the key/value width, 192)",
+            "stock_raw": "stock PrefixTuningConfig, prefix_projection=False",
+            "pp_mlp1": "PrefixPlusConfig defaults (MLP depth 1, token_dim = mlp_hidden_size = key/value width 192)",
+            "pp_mlp2": "PrefixPlusConfig defaults with mlp_depth=2",
+            "pp_text": f'PrefixPlusConfig defaults with init_weights="text", init_text={LM_INIT_TEXT!r} (exactly '
+            f"{LM_PREFIX} SmolLM2 tokens, the first {LM_PREFIX} of the prompt), SmolLM2's tokenizer",
+            "lora_r8": "LoraConfig r=8, alpha 16, q_proj and v_proj",
+        },
+        "prefix": f"{LM_PREFIX} virtual tokens",
         "steps": steps,
         "batch": LM_BATCH,
-        "learning_rates": list(lrs),
-        "seeds": list(seeds),
+        "learning_rates": dict(LM_LRS),
         "validation_loss_examples": n_loss,
+        "curve": f"validation loss on the first {n_curve} validation examples every {every} steps",
         "generation_examples": n_gen,
-        "generation": f"greedy, {new_tokens} new tokens, first line",
+        "generation": f"greedy, {new_tokens} new tokens, first line, every seed",
         "stock_generation": "stock PEFT's generate()"
         if stock_generates
         else "stock PEFT's generate() drops its prefix on this stack (checked on a tiny model), so the stock prefixes "
         "generate through a PrefixPlus copy (copy_stock_prefix, offset_position_ids=True) that computes the same "
         "logits; the difference is recorded per run",
+        "optimizer": "AdamW, constant lr, weight decay 0, grad-norm clip 1.0",
         "device": device,
     }
     return runs, settings
 
 
 # =========================================================================================== suite
+#: The parts of the suite; ``--quality-part smollm2`` runs both SmolLM2 settings, ``all`` everything.
+PARTS = ("seq2seq", *(f"smollm2_{setting}" for setting in LM_SETTINGS))
+
+
 def summarise(runs: list[dict], group: tuple[str, ...]) -> list[dict]:
-    """Best learning rate (lowest mean eval loss over seeds) per group; mean and range over seeds."""
+    """Best learning rate (lowest mean eval loss over seeds) per group; mean, std and range over seeds."""
     rows = []
     keys = sorted({tuple(r.get(k) for k in group) for r in runs}, key=str)
     for key in keys:
@@ -420,20 +550,65 @@ def summarise(runs: list[dict], group: tuple[str, ...]) -> list[dict]:
         lr, best = min(by_lr.items(), key=lambda item: _nan_last(statistics.mean(r["eval_loss"] for r in item[1])))
         row = dict(zip(group, key, strict=True))
         row["best_lr"] = lr
-        row["loss"] = statistics.mean(r["eval_loss"] for r in best)
-        row["loss_range"] = [min(r["eval_loss"] for r in best), max(r["eval_loss"] for r in best)]
-        row["loss_per_lr"] = {str(k): statistics.mean(r["eval_loss"] for r in v) for k, v in by_lr.items()}
+        row["seeds"] = len(best)
         row["trainable_params"] = best[0].get("trainable_params")
-        for name in ("eval_accuracy", "bleu", "slot_coverage"):
+        if len(by_lr) > 1:
+            row["loss_per_lr"] = {str(k): statistics.mean(r["eval_loss"] for r in v) for k, v in by_lr.items()}
+        for name, out in (("eval_loss", "loss"), ("eval_accuracy", "eval_accuracy"), ("bleu", "bleu"),
+                          ("slot_coverage", "slot_coverage")):  # fmt: skip
             values = [r[name] for r in best if name in r]
             if values:
-                row[name] = statistics.mean(values)
+                row[out] = statistics.mean(values)
+                row[f"{out}_std"] = statistics.stdev(values) if len(values) > 1 else None
+                row[f"{out}_range"] = [min(values), max(values)]
+        if best[0].get("curve_loss"):
+            row["start_loss"] = statistics.mean(r["curve_loss"][0] for r in best)
         rows.append(row)
     return rows
 
 
 def _nan_last(value: float) -> float:
     return value if math.isfinite(value) else float("inf")
+
+
+def _pm(mean: float | None, std: float | None, digits: int) -> str | None:
+    """``mean ± std`` as text (just the mean with one seed)."""
+    if mean is None:
+        return None
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+#: (measurement, method, reference, row key, target) of issue 13.
+_LM_CHECKS = (
+    ("mean validation loss", "pp_mlp1", "stock_proj", "loss", "≤ stock with projection"),
+    ("mean validation loss", "pp_text", "pp_mlp1", "loss", "< random init"),
+    ("seed std of validation loss", "pp_text", "pp_mlp1", "loss_std", "< random init"),
+)
+
+
+def lm_targets(rows: list[dict]) -> list[dict]:
+    """Issue 13's targets per SmolLM2 setting, measured (never asserted): defaults vs stock, text vs random init,
+    and the gap to LoRA r=8."""
+    targets = []
+    for part in sorted({r["part"] for r in rows if r["part"].startswith("smollm2")}):
+        by = {r["method"]: r for r in rows if r["part"] == part}
+        setting = part.removeprefix("smollm2_")
+
+        for measurement, a, b, key, target in _LM_CHECKS:
+            if a in by and b in by and by[a].get(key) is not None and by[b].get(key) is not None:
+                value, ref = by[a][key], by[b][key]
+                targets.append({"measurement": measurement, "case": setting, "comparison": f"{a} vs {b}",
+                                "ratio": f"{value:.4f} vs {ref:.4f} ({value - ref:+.4f}; {by[a]['seeds']} vs {by[b]['seeds']} seeds)",
+                                "target": target,
+                                "met": value <= ref if "≤" in target else value < ref})  # fmt: skip
+        if "lora_r8" in by:
+            for method in ("pp_mlp1", "pp_text", "stock_proj"):
+                if method in by:
+                    gap = by[method]["loss"] - by["lora_r8"]["loss"]
+                    targets.append({"measurement": "gap to LoRA r=8 (mean validation loss)", "case": setting,
+                                    "comparison": f"{method} − lora_r8", "ratio": f"{gap:+.4f}",
+                                    "target": "stated, no target", "met": None})  # fmt: skip
+    return targets
 
 
 def seq2seq_notes() -> list[str]:
@@ -449,59 +624,116 @@ def seq2seq_notes() -> list[str]:
     ]
 
 
-def run(options: RunOptions, part: str = "all") -> dict:
-    """Run the suite (``part``: ``"all"``, ``"seq2seq"`` or ``"smollm2"``) and return its results."""
-    rows, settings, runs, notes = [], {}, {}, []
-    if part in ("all", "seq2seq"):
-        threads = torch.get_num_threads()
-        if options.device == "cpu":  # width-64 models: a second thread only adds synchronisation
-            torch.set_num_threads(1)
-        try:
-            s2s_runs, settings["seq2seq"] = run_seq2seq(options)
-        finally:
-            torch.set_num_threads(threads)
-        runs["seq2seq"] = s2s_runs
-        for row in summarise(s2s_runs, ("model", "method")):
-            rows.append({"part": "seq2seq", **row, "metric_1": row.get("eval_accuracy"), "metric_2": None})
-    if part in ("all", "smollm2"):
-        lm_runs, settings["smollm2"] = run_smollm2(options)
-        runs["smollm2"] = lm_runs
-        for row in summarise(lm_runs, ("method",)):
-            rows.append(
-                {
-                    "part": "smollm2",
-                    "model": "smollm2",
-                    **row,
-                    "metric_1": row.get("bleu"),
-                    "metric_2": row.get("slot_coverage"),
-                }
-            )
-    notes.append(
-        "Columns: seq2seq rows: loss = held-out cross-entropy, metric 1 = token accuracy (teacher forcing). SmolLM2 "
-        "rows: loss = validation loss, metric 1 = sacreBLEU, metric 2 = slot coverage (best learning rate only)."
-    )
-    notes += seq2seq_notes()
-    return {"suite": "quality", "settings": settings, "rows": rows, "runs": runs, "targets": [], "notes": notes}
+def _rows(part: str, runs: list[dict]) -> list[dict]:
+    """Table rows of one part (mean ± std over seeds as text in ``loss_pm``, ``metric_1_pm``, ``metric_2_pm``)."""
+    if part == "seq2seq":
+        rows = [{"part": part, **row} for row in summarise(runs, ("model", "method"))]
+        for row in rows:
+            row["metric_1"], row["metric_2"] = row.get("eval_accuracy"), None
+    else:
+        rows = [{"part": part, "model": "smollm2", **row} for row in summarise(runs, ("method",))]
+        for row in rows:
+            row["metric_1"], row["metric_2"] = row.get("bleu"), row.get("slot_coverage")
+            row["metric_1_std"], row["metric_2_std"] = row.get("bleu_std"), row.get("slot_coverage_std")
+    for row in rows:
+        row["loss_pm"] = _pm(row.get("loss"), row.get("loss_std"), 3)
+        row["metric_1_pm"] = _pm(row.get("metric_1"), row.get("metric_1_std"), 1 if part != "seq2seq" else 4)
+        row["metric_2_pm"] = _pm(row.get("metric_2"), row.get("metric_2_std"), 3)
+    return rows
+
+
+def parts_of(part: str) -> tuple[str, ...]:
+    """The parts that ``--quality-part part`` runs."""
+    if part == "all":
+        return PARTS
+    if part == "smollm2":
+        return tuple(p for p in PARTS if p.startswith("smollm2"))
+    if part not in PARTS:
+        raise ValueError(f"unknown quality part {part!r}: choose all, smollm2 or one of {', '.join(PARTS)}")
+    return (part,)
+
+
+def run(
+    options: RunOptions,
+    part: str = "all",
+    methods: tuple[str, ...] | None = None,
+    seeds: tuple[int, ...] | None = None,
+) -> dict:
+    """Run the suite's ``part`` (``"all"``, ``"smollm2"`` or one of :data:`PARTS`) and return its results.
+
+    ``methods`` and ``seeds`` narrow the SmolLM2 grid (default: all of :data:`LM_METHODS` and :data:`LM_SEEDS`);
+    :func:`combine` then adds the new runs to the stored ones of the same part.
+    """
+    settings, runs = {}, {}
+    for name in parts_of(part):
+        if name == "seq2seq":
+            threads = torch.get_num_threads()
+            if options.device == "cpu":  # width-64 models: a second thread only adds synchronisation
+                torch.set_num_threads(1)
+            try:
+                runs[name], settings[name] = run_seq2seq(options)
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            runs[name], settings[name] = run_smollm2(options, name.removeprefix("smollm2_"), methods, seeds)
+    result = {"suite": "quality", "settings": settings, "runs": runs}
+    return finish(result)
+
+
+def finish(result: dict) -> dict:
+    """(Re)compute the rows, targets and notes of ``result`` from its runs."""
+    result["rows"] = [row for name in PARTS if name in result["runs"] for row in _rows(name, result["runs"][name])]
+    result["targets"] = lm_targets(result["rows"])
+    result["notes"] = [
+        "Columns: seq2seq rows: loss = held-out cross-entropy, metric 1 = token accuracy (teacher forcing), best of 3 "
+        "learning rates. SmolLM2 rows (smollm2_full: the whole training split; smollm2_low: 50 training examples): "
+        "loss = validation loss after 30 steps, metric 1 = sacreBLEU, metric 2 = slot coverage, mean ± std over the "
+        "seeds, one learning rate per method.",
+        *seq2seq_notes(),
+    ]
+    return result
 
 
 _RUN_FACTS = ("command", "date", "wall_s", "load_before", "load_after", "environment")
 
 
-def combine(previous: dict | None, result: dict) -> dict:
-    """Add to ``result`` the parts of ``previous`` (the stored quality results) that ``result`` did not run.
+def _run_key(run: dict) -> tuple:
+    return run["method"], run.get("seed")
 
-    ``--quality-part smollm2`` then replaces only the SmolLM2 figures. Each part keeps the command, date and wall
-    time of the run that produced it under ``part_runs``.
+
+def combine(previous: dict | None, result: dict) -> dict:
+    """Add to ``result`` what ``previous`` (the stored quality results) holds and ``result`` did not run.
+
+    Whole parts: ``--quality-part smollm2_low`` keeps the stored seq2seq and full-data figures. Within a SmolLM2
+    part, runs: ``--quality-seeds 2 --quality-methods lora_r8`` adds that run to the stored runs of the part (a run
+    of the same method and seed is replaced; a run of only some methods does not measure the untuned baseline, the
+    stored one is kept). Each part keeps the command, date and wall time of every run that produced it under ``part_runs``
+    (``earlier`` lists the older ones). Parts that this version of the suite no longer has (the single-seed
+    ``smollm2`` part of earlier versions) are dropped.
     """
+    previous = previous or {}
     facts = {part: {k: result.get(k) for k in _RUN_FACTS} for part in result.get("runs", {})}
-    kept = [part for part in (previous or {}).get("runs", {}) if part not in facts]
-    for part in kept:
-        result["runs"][part] = previous["runs"][part]
-        result["settings"][part] = previous["settings"][part]
-        facts[part] = previous.get("part_runs", {}).get(part) or {k: previous.get(k) for k in _RUN_FACTS}
-    result["rows"] = [r for r in previous["rows"] if r["part"] in kept] + result["rows"] if kept else result["rows"]
-    result["part_runs"] = {part: facts[part] for part in ("seq2seq", "smollm2") if part in facts}
-    return result
+    for part, old_runs in previous.get("runs", {}).items():
+        if part not in PARTS:
+            continue
+        old_facts = previous.get("part_runs", {}).get(part) or {k: previous.get(k) for k in _RUN_FACTS}
+        if part not in facts:
+            result["runs"][part] = old_runs
+            result["settings"][part] = previous["settings"][part]
+            facts[part] = old_facts
+        elif part.startswith("smollm2"):
+            new = {_run_key(r) for r in result["runs"][part]}
+            kept = [r for r in old_runs if _run_key(r) not in new]
+            if kept:
+                result["runs"][part] = result["runs"][part] + kept
+                earlier = old_facts.pop("earlier", [])
+                facts[part]["earlier"] = [*earlier, old_facts]
+    for part, runs in result["runs"].items():
+        if part.startswith("smollm2"):
+            result["settings"][part]["seeds"] = sorted({r["seed"] for r in runs if r.get("seed") is not None})
+    result["part_runs"] = {part: facts[part] for part in PARTS if part in facts}
+    result["runs"] = {part: result["runs"][part] for part in PARTS if part in result["runs"]}
+    return finish(result)
 
 
 def plot(result: dict, out_dir: str) -> list[str]:
@@ -511,20 +743,52 @@ def plot(result: dict, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     files = []
-    for part, runs in result.get("runs", {}).items():
-        best = {(r.get("model"), r["method"]): r["best_lr"] for r in result["rows"] if r["part"] == part}
+    if "seq2seq" in result.get("runs", {}):
+        runs = result["runs"]["seq2seq"]
+        best = {(r["model"], r["method"]): r["best_lr"] for r in result["rows"] if r["part"] == "seq2seq"}
         fig, ax = plt.subplots(figsize=(8, 4))
         for r in runs:
-            key = (r.get("model") if part == "seq2seq" else "smollm2", r["method"])
+            key = (r.get("model"), r["method"])
             if r.get("train_losses") and best.get(key) == r["lr"] and r["seed"] == runs[-1]["seed"]:
                 ax.plot(r["train_losses"], label=f"{key[0]} {key[1]} (lr {r['lr']})", linewidth=1)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
-        ax.set_title(f"Quality, {part}: training loss at the best learning rate")
+        ax.set_title("Quality, seq2seq: training loss at the best learning rate")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        name = f"quality_{part}_loss.png"
-        fig.savefig(f"{out_dir}/{name}", dpi=100)
+        fig.savefig(f"{out_dir}/quality_seq2seq_loss.png", dpi=100)
         plt.close(fig)
-        files.append(name)
+        files.append("quality_seq2seq_loss.png")
+    lm_parts = [p for p in PARTS if p.startswith("smollm2") and p in result.get("runs", {})]
+    if lm_parts:
+        fig, axes = plt.subplots(1, len(lm_parts), figsize=(6 * len(lm_parts), 4.5), sharey=True, squeeze=False)
+        for ax, part in zip(axes[0], lm_parts, strict=True):
+            runs = [r for r in result["runs"][part] if r.get("curve_steps")]
+            for method in LM_METHODS:
+                mine = [r for r in runs if r["method"] == method]
+                if not mine:
+                    continue
+                curves = torch.tensor([r["curve_loss"] for r in mine])
+                mean = curves.mean(0)
+                color = f"C{LM_METHODS.index(method)}"  # one colour per method in every panel
+                label = f"{method} (lr {mine[0]['lr']:g}, {len(mine)} seed{'s' if len(mine) > 1 else ''})"
+                ax.plot(mine[0]["curve_steps"], mean, label=label, linewidth=1.5, color=color)
+                if len(mine) > 1:
+                    ax.fill_between(mine[0]["curve_steps"], curves.min(0).values, curves.max(0).values,
+                                    color=color, alpha=0.2)  # fmt: skip
+            untuned = [r for r in result["runs"][part] if r["method"] == "untuned"]
+            if untuned:
+                ax.axhline(untuned[0]["curve_loss"][0], color="grey", linestyle=":", label="untuned")
+            examples = runs[0].get("train_examples") if runs else None
+            ax.set_title(f"{part}: {examples} training examples" if examples else part)
+            ax.set_xlabel("step")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("validation loss, first 40 examples\n(mean over seeds; band: min–max)")
+        fig.suptitle("Quality, SmolLM2-135M data-to-text: validation loss during training")
+        fig.tight_layout()
+        fig.savefig(f"{out_dir}/quality_smollm2_loss.png", dpi=100)
+        plt.close(fig)
+        files.append("quality_smollm2_loss.png")
     return files
