@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import batch_for, tiny_model
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_prefix_plus import PrefixPlusConfig
@@ -49,8 +49,7 @@ def test_a_hand_edited_config_is_refused_when_loaded(tmp_path):
     """Values edited in adapter_config.json go through the same validation as the constructor."""
     model = get_peft_model(tiny_model("llama")[0], PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     model.save_pretrained(tmp_path)
-    raw = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps(raw | {"prefix_projection": "False"}))
+    edit_config(tmp_path, {"prefix_projection": "False"})
     with pytest.raises(ValueError, match="prefix_projection"):
         PeftModel.from_pretrained(tiny_model("llama")[0], tmp_path)
 
@@ -148,6 +147,20 @@ def saved_adapter(tmp_path, **config_kwargs):
     return tmp_path
 
 
+def edit_config(path, edit: dict) -> None:
+    """Edit the saved adapter_config.json by hand, as a user might."""
+    raw = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps(raw | edit))
+
+
+def edit_embedding(path, change) -> None:
+    """Replace the saved self-attention embedding tensor by ``change(tensor)``."""
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("embedding.weight"))
+    tensors[key] = change(tensors[key])
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -158,8 +171,7 @@ def saved_adapter(tmp_path, **config_kwargs):
 )
 def test_weights_that_do_not_match_a_hand_edited_config_are_refused_at_load(tmp_path, edit, message):
     path = saved_adapter(tmp_path)
-    raw = json.loads((path / "adapter_config.json").read_text())
-    (path / "adapter_config.json").write_text(json.dumps(raw | edit))
+    edit_config(path, edit)
     with pytest.raises(ValueError, match=rf"do not match its config: .*{message}"):
         PeftModel.from_pretrained(tiny_model("llama")[0], path)
 
@@ -167,20 +179,14 @@ def test_weights_that_do_not_match_a_hand_edited_config_are_refused_at_load(tmp_
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_warn_at_load(tmp_path, value):
     path = saved_adapter(tmp_path)
-    tensors = load_file(path / "adapter_model.safetensors")
-    key = next(k for k in tensors if k.endswith("embedding.weight"))
-    tensors[key][0, 0] = value
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    edit_embedding(path, lambda t: t.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(value)))
     with pytest.warns(UserWarning, match=r"self.embedding.weight holds 1 non-finite value"):
         PeftModel.from_pretrained(tiny_model("llama")[0], path)
 
 
 def test_integer_weights_are_refused_at_load(tmp_path):
     path = saved_adapter(tmp_path)
-    tensors = load_file(path / "adapter_model.safetensors")
-    key = next(k for k in tensors if k.endswith("embedding.weight"))
-    tensors[key] = tensors[key].to(torch.int8)
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    edit_embedding(path, lambda t: t.to(torch.int8))
     with pytest.raises(ValueError, match="self.embedding.weight has dtype torch.int8"):
         PeftModel.from_pretrained(tiny_model("llama")[0], path)
 
@@ -188,15 +194,12 @@ def test_integer_weights_are_refused_at_load(tmp_path):
 def test_prefix_plus_tensors_under_another_peft_type_are_refused_at_load(tmp_path):
     """`peft_type: LORA` edited into a PrefixPlus adapter would load as a LoRA adapter that changes nothing."""
     path = saved_adapter(tmp_path)
-    raw = json.loads((path / "adapter_config.json").read_text())
-    (path / "adapter_config.json").write_text(json.dumps(raw | {"peft_type": "LORA", "target_modules": ["q_proj"]}))
+    edit_config(path, {"peft_type": "LORA", "target_modules": ["q_proj"]})
     with pytest.raises(ValueError, match=r"holds PrefixPlus tensors.*peft_type 'LORA'.*PREFIX_PLUS"):
         PeftModel.from_pretrained(tiny_model("llama")[0], path)
 
 
 def test_other_adapter_types_load_as_before(tmp_path):
-    from peft import LoraConfig
-
     base = tiny_model("llama")[0]
     lora = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], init_lora_weights=False))
     lora.save_pretrained(tmp_path)
@@ -209,9 +212,6 @@ def test_other_adapter_types_load_as_before(tmp_path):
 
 def test_mixed_dtypes_are_refused_at_load(tmp_path):
     path = saved_adapter(tmp_path)
-    tensors = load_file(path / "adapter_model.safetensors")
-    key = next(k for k in tensors if k.endswith("embedding.weight"))
-    tensors[key] = tensors[key].to(torch.float16)
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    edit_embedding(path, lambda t: t.to(torch.float16))
     with pytest.raises(ValueError, match=r"mix dtypes \['torch.float16', 'torch.float32'\]"):
         PeftModel.from_pretrained(tiny_model("llama")[0], path)
