@@ -39,6 +39,8 @@ class AttentionSite:
     modules: list[nn.Module] = field(default_factory=list)
     num_key_value_heads: int = 0
     head_dim: int = 0
+    #: whether the modules pass a ``position_bias`` (T5), which their own code sizes from the cached keys
+    position_bias: bool = False
 
 
 def _eager_function(module: nn.Module) -> Callable:
@@ -60,7 +62,7 @@ def _extend_mask(
     mask: Optional[torch.Tensor],
     length: int,
     query: torch.Tensor,
-    key: torch.Tensor,
+    key_length: int,
     causal: bool,
     boolean: bool,
     columns: Optional[torch.Tensor] = None,
@@ -73,7 +75,7 @@ def _extend_mask(
     and used only for more than one query; the wrapper has already dropped keys past the last query, so here top
     left and bottom right coincide and the prefix columns go in front of a square causal mask.
     """
-    q_len, k_len = query.shape[2], key.shape[2]
+    q_len, k_len = query.shape[2], key_length
     if mask is None:
         if boolean and causal and q_len > 1:
             # only the queries' own keys remain (see above), so row i sees the prefix and keys 0..i
@@ -164,34 +166,48 @@ def _make_prefix_attention(implementation: str) -> Callable:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         route = getattr(module, _ROUTE_ATTR, None)
-        if route is not None and route[0].capture is not None:  # text initialisation records the states
-            route[0].capture[(route[1], route[2])] = (key, value)
-        prefix = None if route is None else route[0].prefix_for(route[1], route[2])
-        if prefix is None:
+        if route is None:
             return _base_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
         layer = route[0]
-        prefix_keys = prefix[0].to(device=key.device, dtype=key.dtype)
-        prefix_values = prefix[1].to(device=value.device, dtype=value.dtype)
-        columns = prefix[2]  # per-row prefix columns of a batch that mixes adapters, else None
+        if layer.capture is not None:  # text initialisation records the states
+            layer.capture[(route[1], route[2])] = (key, value)
+        prefix = layer.prefix_for(route[1], route[2])
+        # During generation the prefix may already be at the front of the cached keys (see `kv_cache`)
+        inside = 0
+        seeded = layer.seeded.get((route[1], route[2])) if layer.seeded else None
+        if seeded is not None and seeded.keys is key:
+            if prefix is not None and seeded.version == layer.versions.get(route[1]):
+                inside = seeded.prefix_length
+            else:  # the adapters changed since the cache was seeded: attend the real keys only
+                key, value = key[:, :, seeded.prefix_length :], value[:, :, seeded.prefix_length :]
+        if prefix is None:
+            return _base_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+        prefix_keys, prefix_values, columns = prefix  # columns: per-row prefix columns of a mixed batch, else None
         length = prefix_keys.shape[-2]
+        real_length = key.shape[2] - inside
         # the default transformers' sdpa function uses when the call does not say
         causal = kwargs.get("is_causal")
         causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
-        if attention_mask is None and implementation == "sdpa" and causal and 1 < query.shape[2] < key.shape[2]:
+        if attention_mask is None and implementation == "sdpa" and causal and 1 < query.shape[2] < real_length:
             # transformers passes no mask with more keys than queries only when sdpa's top-left `is_causal` is exact:
             # prefill into an empty pre-allocated (static) cache, whose slots past the last query are empty. A mask
             # aligned to the bottom right would attend to them; drop them, as transformers' sdpa function does.
             key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+            real_length = query.shape[2]
             if kwargs.get("position_bias") is not None:
                 kwargs["position_bias"] = kwargs["position_bias"][..., : query.shape[2]]
         # every layer of a forward pass gets the same mask: extend it once
-        geometry = (length, query.shape[2], key.shape[2], causal, implementation, id(columns))
+        geometry = (length, query.shape[2], real_length, causal, implementation, id(columns))
         found, extended = layer.memo(attention_mask, geometry)
         if not found:
             extended = _extend_mask(
-                attention_mask, length, query, key, causal, boolean=implementation == "sdpa", columns=columns
+                attention_mask, length, query, real_length, causal, boolean=implementation == "sdpa", columns=columns
             )
             layer.remember(attention_mask, geometry, extended)
+        if inside:  # one key/value sequence already: the model's own attention call
+            return _base_function(module, implementation)(module, query, key, value, extended, **kwargs)
+        prefix_keys = prefix_keys.to(device=key.device, dtype=key.dtype)
+        prefix_values = prefix_values.to(device=value.device, dtype=value.dtype)
         if query.shape[2] == 1 and not module.training and kwargs.keys() <= _DECODE_KWARGS:
             return _decode_attention(query, key, value, prefix_keys, prefix_values, extended, **kwargs)
         position_bias = kwargs.get("position_bias")
@@ -216,11 +232,12 @@ def register_attention_functions() -> None:
     AttentionMaskInterface.register(_PROBE, eager_mask)
 
 
-_probe_calls: list[tuple[nn.Module, int, int, int, int]] = []
+_probe_calls: list[tuple[nn.Module, int, int, int, int, bool]] = []
 
 
 def _probe_attention(module, query, key, value, attention_mask, **kwargs):
-    _probe_calls.append((module, query.shape[2], key.shape[2], key.shape[1], key.shape[3]))
+    biased = kwargs.get("position_bias") is not None
+    _probe_calls.append((module, query.shape[2], key.shape[2], key.shape[1], key.shape[3], biased))
     return _eager_function(module)(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -321,7 +338,7 @@ def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
             "OPT, T5, BART and BERT; see the README's table of tested families."
         )
     sites: dict[str, AttentionSite] = {}
-    for module, q_len, k_len, heads, head_dim in calls:
+    for module, q_len, k_len, heads, head_dim, biased in calls:
         if not is_encoder_decoder:
             name = "self"
         elif q_len == 5:
@@ -335,6 +352,7 @@ def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
                 "dimension; PrefixPlus supports models whose layers share one attention geometry per site."
             )
         site.modules.append(module)
+        site.position_bias = site.position_bias or biased
     return sites
 
 

@@ -9,6 +9,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicLayer
 
 from .config import PrefixPlusConfig
 
@@ -202,6 +203,10 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         self._masks: dict[tuple, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
         # device of the attention layers of each site, where its prefix encoders live
         self.site_devices: dict[str, torch.device] = {}
+        # site -> how many times its prefixes were computed; a prefix seeded into a KV cache is used while it is current
+        self.versions: dict[str, int] = {}
+        # (site, layer index) -> the KV cache layer holding that layer's prefix in front of its keys, during a pass
+        self.seeded: dict[tuple[str, int], DynamicLayer] = {}
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise NotImplementedError(MERGE_INTO_WEIGHTS_MESSAGE)
@@ -291,6 +296,7 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         for site in sites:
             self._prefixes.pop(site, None)
             self._row_prefixes.pop(site, None)
+            self.versions[site] = self.versions.get(site, 0) + 1
         if self.disable_adapters:
             return
         if rows is not None:

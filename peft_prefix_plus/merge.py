@@ -187,7 +187,10 @@ def merge_mlp(tuner: PrefixPlusModel, adapter_names: Optional[Union[str, Iterabl
                 stacklevel=3,
             )
             continue
+        # a copy: PEFT keeps the config object the caller passed, which may configure other models too
+        config = copy.deepcopy(config)
         mark_config_merged(config)
+        tuner.peft_config[name] = config
         merged.append(name)
     layer.clear()
     return merged

@@ -27,6 +27,7 @@ from .attention import (
 )
 from .config import PrefixPlusConfig
 from .geometry import layer_indices
+from .kv_cache import seed_prefix_cache, seeded_layers
 from .layer import MERGE_INTO_WEIGHTS_MESSAGE, PrefixPlusLayer
 from .merge import merge_mlp
 from .text_init import initialise_from_text
@@ -98,6 +99,9 @@ class PrefixPlusModel(BaseTuner):
     """
 
     prefix: str = "prefix_plus_"
+    #: During generation, write each prefix into the front of the KV cache once, so that every decoding step is the
+    #: model's own attention call (see `peft_prefix_plus.kv_cache`). `False` attends the prefix and the cache apart.
+    seeds_kv_cache: bool = True
     tuner_layer_cls = PrefixPlusLayer
     target_module_mapping: dict[str, list[str]] = {}
     uses_shared_state = True
@@ -188,6 +192,15 @@ class PrefixPlusModel(BaseTuner):
         for config in self._configs:
             wrap_attention_implementation(config)
         self._sites = sites
+        # (layer index in the site, KV cache layer index) of the modules whose prefix can be seeded into the cache:
+        # decoder self- and cross-attention whose own code does not size a position bias from the cached keys
+        self._seed_targets = {
+            site: [
+                (i, m.layer_idx) for i, m in enumerate(found.modules) if isinstance(getattr(m, "layer_idx", None), int)
+            ]
+            for site, found in sites.items()
+            if site in ("self", "cross") and not found.position_bias
+        }
         # Prefixes are computed where every entry point passes: on each attention stack (the decoder, the encoder),
         # so calling the backbone or the encoder directly sees them too. Sites of one stack are computed together.
         self._stacks = []
@@ -304,6 +317,7 @@ class PrefixPlusModel(BaseTuner):
             layer.refresh(state.sites, rows)
             state.owner = weakref.ref(cache) if decoding else None
             state.active = active
+        self._use_seeded_cache(state, cache, decoding)
         if state.offsets_positions and not layer.disable_adapters:
             if rows is not None:
                 offsets = [layer.adapter_length(name, "self") if self._offsets(name) else 0 for name in rows]
@@ -312,6 +326,24 @@ class PrefixPlusModel(BaseTuner):
             elif self._uses_position_offset():
                 kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"))
         return args, kwargs
+
+    def _use_seeded_cache(self, state: _StackState, cache: Any, decoding: bool) -> None:
+        """Tell the attention wrapper which cache layers of this pass hold their prefix; seed an empty cache."""
+        layer = self._layer
+        layer.seeded = {key: found for key, found in layer.seeded.items() if key[0] not in state.sites}
+        if cache is None:
+            return
+        seeded = seeded_layers(cache)
+        if seeded is None and decoding and self.seeds_kv_cache and cache.get_seq_length() == 0:
+            targets = []
+            for site in state.sites:
+                for index, cache_index in self._seed_targets.get(site, ()):
+                    prefix = layer.prefix_for(site, index)
+                    if prefix is not None:
+                        targets.append((site, index, cache_index, prefix[:2]))
+            seeded = seed_prefix_cache(cache, targets, layer.versions)
+        if seeded:
+            layer.seeded.update((key, found) for key, found in seeded.items() if key[0] in state.sites)
 
     def _rows_of(self, args: tuple, kwargs: dict) -> Optional[list[str]]:
         """The adapter of each input row while a call with ``adapter_names`` runs, expanded as `generate` expands
@@ -375,6 +407,8 @@ class PrefixPlusModel(BaseTuner):
 
     def _after_stack(self, state: _StackState, module: nn.Module, args: tuple, output: Any) -> None:
         layer = self._layer
+        if layer.seeded:  # the cache is the caller's to keep or drop
+            layer.seeded = {key: found for key, found in layer.seeded.items() if key[0] not in state.sites}
         if layer.checkpointing:
             return  # recomputation in the backward pass reads the prefixes and masks again
         if state.owner is None:

@@ -261,3 +261,19 @@ def test_trainer_load_best_model_at_end_keeps_mlp(tmp_path):
         key = f"base_model.model.prefix_plus_layer.prefix_plus_sites.self.{name}"
         assert torch.equal(param.detach().cpu(), best_tensors[key])
     assert model.merge_mlp() == ["default"]  # and it merges afterwards
+
+
+def test_merging_one_model_leaves_a_shared_config_object_alone(tmp_path):
+    """PEFT keeps the config object passed to `get_peft_model`; merging one model must not mark another's config."""
+    config = PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    merged = get_peft_model(tiny_model("llama")[0], config)
+    other = get_peft_model(tiny_model("llama")[0], config)
+    merged.merge_mlp()
+    assert merged.peft_config["default"].prefix_projection is False
+    assert config.prefix_projection is True and config.merged_from is None
+    other.save_pretrained(tmp_path)  # still an MLP adapter, saved and loaded as one
+    batch = batch_for("CAUSAL_LM")
+    loaded = PeftModel.from_pretrained(tiny_model("llama")[0], tmp_path).eval()
+    other.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, other(**batch).logits)
