@@ -68,7 +68,7 @@ def llama_config(smoke: bool = False) -> transformers.LlamaConfig:
         )  # fmt: skip
     return transformers.LlamaConfig(
         vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=1024, attn_implementation="sdpa",
+        num_key_value_heads=2, max_position_embeddings=8192, attn_implementation="sdpa",
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
 

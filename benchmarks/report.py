@@ -77,10 +77,12 @@ ROW_COLUMNS: dict[str, list[tuple[str, str]]] = {
     ],
     "decode": [
         ("batch", "batch"),
+        ("prompt", "prompt"),
         ("method", "method"),
         ("median_s", "median generate (s)"),
         ("range_s", "min–max (s)"),
         ("tokens_per_s", "tokens/s"),
+        ("decode_tokens_per_s", "decoding steps: tokens/s"),
     ],
     "size": [
         ("model", "model"),
