@@ -60,6 +60,18 @@ def test_suite_runs_in_smoke_mode(suite: str, tmp_path: Path) -> None:
         assert "loss (mean ± std)" in markdown
 
 
+def test_train_and_decode_run_in_bfloat16(tmp_path: Path) -> None:
+    """`--dtype bfloat16` puts the weights and prefixes in bf16: the AdamW state counted is 2 bytes per number."""
+    argv = ["--suite", "train", "decode", "--smoke", "--dtype", "bfloat16", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    suites = json.loads((tmp_path / "results.json").read_text())["suites"]
+    assert suites["train"]["settings"]["dtype"] == suites["decode"]["settings"]["dtype"] == "bfloat16"
+    for row in suites["train"]["rows"]:  # parameter and two AdamW moments, in bf16
+        state = row["peak_with_trainable_state_bytes"] - row["peak_step_bytes"]
+        assert state == row["trainable_params"] * 2 * 3, row
+    assert {row["method"] for row in suites["decode"]["rows"]} == EXPECTED_METHODS["decode"]
+
+
 def test_results_accumulate_across_suites(tmp_path: Path) -> None:
     """Running suites one at a time into one folder keeps the earlier suites."""
     assert bench.main(["--suite", "size", "--smoke", "--out", str(tmp_path)]) == 0
