@@ -46,8 +46,8 @@ cpu)
 esac
 
 # --- the project and a CUDA device ---------------------------------------------------------------------------------
-if ! python -c "import peft_prefix_plus" 2>/dev/null; then
-    echo "[gpu_checks] peft_prefix_plus does not import: pip install -e \".[test]\""
+if ! python -c "import peft_prefix_plus, pytest, matplotlib" 2>/dev/null; then
+    echo "[gpu_checks] the project or its test extra does not import: pip install -e \".[test]\""
     pip install -e ".[test]" || {
         echo "[gpu_checks] could not install the project and its test extra; install them, then rerun" >&2
         exit 3

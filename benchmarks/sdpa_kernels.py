@@ -302,14 +302,18 @@ def _shape(shape: list[int] | None) -> str:
     return "×".join(map(str, shape)) if shape else "?"
 
 
-def _calls_text(calls: list[dict[str, Any]]) -> str:
-    parts = []
+def _calls_text(row: dict[str, Any]) -> str:
+    calls, parts = row["sdpa_calls"], []
+    if not calls:
+        if any(not k.startswith("none") for k in row["forward"]):  # e.g. a causal_lower_right bias calls the kernel
+            return "no `aten::scaled_dot_product_attention` call: the kernel was called directly"
+        return "no `aten::scaled_dot_product_attention` call"
     for call in calls:
         mask = "no mask" if call["mask"] is None else f"mask {_shape(call['mask'])}"
         parts.append(
             f"q {_shape(call['query'])}, k {_shape(call['key'])}, {mask}, is_causal={call['is_causal']} ×{call['count']}"
         )
-    return "; ".join(parts) or "no `aten::scaled_dot_product_attention` call"
+    return "; ".join(parts)
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -331,7 +335,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         gpu = ", ".join(f"`{name[:60]}` ×{n}" for name, n in row["gpu_kernels"].items()) or "–"
         lines.append(
             f"| {row['model']} | {'yes' if row['padding'] else 'no'} | {row['phase']} | {_kernels_text(row)} | "
-            f"{_calls_text(row['sdpa_calls'])} | {gpu} |"
+            f"{_calls_text(row)} | {gpu} |"
         )
     lines += ["", f"Environment: {result['environment']}", ""]
     return "\n".join(lines)
