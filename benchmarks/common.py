@@ -21,6 +21,9 @@ import peft_prefix_plus  # noqa: F401 - registers PREFIX_PLUS with PEFT
 transformers.logging.set_verbosity_error()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+#: The dtypes the train and decode suites run in (``--dtype``).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 @dataclass
 class RunOptions:
@@ -32,6 +35,13 @@ class RunOptions:
         repeats: Timed repeats per method (medians are reported); ``None`` means the suite's default.
         warmup: Untimed warm-up repeats per method before the timed ones.
         seed: Seed of every model and batch.
+        dtype: ``"float32"`` or ``"bfloat16"``: the dtype of the weights and prefixes in the ``train`` and ``decode``
+            suites (the other suites measure files or train in float32 and ignore it).
+
+    Example::
+
+        options = RunOptions(device="cuda", dtype="bfloat16", repeats=3)
+        model = build_llama(options.seed).to(device=options.device, dtype=options.torch_dtype)
     """
 
     device: str = "cpu"
@@ -39,6 +49,15 @@ class RunOptions:
     repeats: Optional[int] = None
     warmup: int = 1
     seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
     def n_repeats(self, default: int = 5) -> int:
         if self.smoke:

@@ -5,6 +5,7 @@ Examples::
     python benchmarks/run.py --suite all --out benchmarks/results
     python benchmarks/run.py --suite train decode size merge     # everything except quality
     python benchmarks/run.py --suite train --device cuda --out runs/gpu
+    python benchmarks/run.py --suite train decode --device cuda --dtype bfloat16 --out benchmarks/results_cuda
     python benchmarks/run.py --suite decode --smoke --out /tmp/smoke
 
 Each suite adds itself to ``OUT/results.json`` (suites run before are kept) and rewrites ``OUT/results.md`` and
@@ -25,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import report  # noqa: E402
-from benchmarks.common import RunOptions, load_average  # noqa: E402
+from benchmarks.common import DTYPES, RunOptions, load_average  # noqa: E402
 
 SUITES = ("train", "decode", "size", "merge", "quality")
 
@@ -46,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one or more suites, run in the order given; `all` runs the five in the order above",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="train and decode suites: dtype of the weights and prefixes (default float32); the others ignore it",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the suites run")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 5)")
@@ -84,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     options = RunOptions(
-        device=args.device, smoke=args.smoke, repeats=args.repeats, warmup=args.warmup, seed=args.seed
+        device=args.device,
+        smoke=args.smoke,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        dtype=args.dtype,
     )
     command = "python benchmarks/run.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])

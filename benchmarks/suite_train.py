@@ -68,9 +68,19 @@ def _peft_config(method: str, prefix_length: int, mlp_width: int, token_dim: int
     )
 
 
-def build_method(method: str, base: torch.nn.Module, device: str, prefix_length: int, mlp_width: int) -> Any:
-    """The model of ``method`` on a copy of ``base`` and a closure that runs one training step."""
-    model = fresh_copy(base).to(device)
+def build_method(
+    method: str,
+    base: torch.nn.Module,
+    device: str,
+    prefix_length: int,
+    mlp_width: int,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """The model of ``method`` on a copy of ``base`` and a closure that runs one training step.
+
+    The base weights, and the prefix parameters (hence the AdamW state), are in ``dtype`` on ``device``.
+    """
+    model = fresh_copy(base).to(device=device, dtype=dtype)
     if method == "floor":
         for param in model.parameters():
             param.requires_grad_(False)
@@ -81,7 +91,7 @@ def build_method(method: str, base: torch.nn.Module, device: str, prefix_length:
 
         return model, floor_step, 0
     config = _peft_config(method, prefix_length, mlp_width, stock_token_dim(base.config))
-    model = peft.get_peft_model(model, config)
+    model = peft.get_peft_model(model, config).to(dtype=dtype)  # PEFT may create the adapter in float32
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
     model.train()
@@ -104,8 +114,11 @@ def run(options: RunOptions, batches: tuple[int, ...] = DEFAULT_BATCHES, seqs: t
     base = build_llama(options.seed, options.smoke)
     methods = {}
     for method in METHODS:
-        model, step, trainable = build_method(method, base, device, prefix_length, mlp_width)
-        methods[method] = {"model": model, "step": step, "trainable": trainable}
+        model, step, trainable = build_method(method, base, device, prefix_length, mlp_width, options.torch_dtype)
+        # persistent parameter and two AdamW moments, in the parameters' dtype; gradients are allocated within the
+        # step (set to None after it), so the step's peak already holds them wherever they coincide with it
+        state = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        methods[method] = {"model": model, "step": step, "trainable": trainable, "trainable_state_bytes": state}
     repeats, warmup = options.n_repeats(5), options.n_warmup()
     rows, memory_tool = [], None
     generator = torch.Generator().manual_seed(options.seed + 1)
@@ -119,9 +132,6 @@ def run(options: RunOptions, batches: tuple[int, ...] = DEFAULT_BATCHES, seqs: t
             print(f"[train] batch {batch_size} seq {seq}: {medians}", flush=True)
             for name, entry in methods.items():
                 peak, memory_tool = measure_peak_memory(lambda e=entry, b=batch: e["step"](b), device)
-                # persistent fp32 parameter and two AdamW moments; gradients are allocated within the step (set to
-                # None after it), so the step's peak already holds them wherever they coincide with it
-                trainable_state = entry["trainable"] * 4 * 3
                 rows.append(
                     {
                         "batch": batch_size,
@@ -131,7 +141,7 @@ def run(options: RunOptions, batches: tuple[int, ...] = DEFAULT_BATCHES, seqs: t
                         "times_s": times[name],
                         "peak_step_bytes": peak,
                         "trainable_params": entry["trainable"],
-                        "peak_with_trainable_state_bytes": peak + trainable_state,
+                        "peak_with_trainable_state_bytes": peak + entry["trainable_state_bytes"],
                     }
                 )
     return {
@@ -150,6 +160,7 @@ def run(options: RunOptions, batches: tuple[int, ...] = DEFAULT_BATCHES, seqs: t
             "warmup": warmup,
             "memory_tool": memory_tool,
             "device": device,
+            "dtype": options.dtype,
         },
         "rows": rows,
         "targets": targets(rows),

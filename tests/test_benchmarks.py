@@ -60,6 +60,18 @@ def test_suite_runs_in_smoke_mode(suite: str, tmp_path: Path) -> None:
         assert "loss (mean ± std)" in markdown
 
 
+def test_train_and_decode_run_in_bfloat16(tmp_path: Path) -> None:
+    """`--dtype bfloat16` puts the weights and prefixes in bf16: the AdamW state counted is 2 bytes per number."""
+    argv = ["--suite", "train", "decode", "--smoke", "--dtype", "bfloat16", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    suites = json.loads((tmp_path / "results.json").read_text())["suites"]
+    assert suites["train"]["settings"]["dtype"] == suites["decode"]["settings"]["dtype"] == "bfloat16"
+    for row in suites["train"]["rows"]:  # parameter and two AdamW moments, in bf16
+        state = row["peak_with_trainable_state_bytes"] - row["peak_step_bytes"]
+        assert state == row["trainable_params"] * 2 * 3, row
+    assert {row["method"] for row in suites["decode"]["rows"]} == EXPECTED_METHODS["decode"]
+
+
 def test_results_accumulate_across_suites(tmp_path: Path) -> None:
     """Running suites one at a time into one folder keeps the earlier suites."""
     assert bench.main(["--suite", "size", "--smoke", "--out", str(tmp_path)]) == 0
@@ -168,3 +180,61 @@ def test_prefix_plus_step_needs_no_more_memory_than_stock(projection: bool) -> N
         peaks[method] = measure_peak_memory(lambda step=step: step(batch), "cpu")[0]
     stock, ours = peaks.values()
     assert 0 < ours <= stock, peaks
+
+
+def test_sdpa_kernel_report_names_the_kernels_that_ran(tmp_path: Path) -> None:
+    """On the CPU, the unpadded base model's training pass runs sdpa's CPU flash kernel with `is_causal` and no mask,
+    once per layer forward and once backward; a padded batch hands sdpa a mask."""
+    from benchmarks import sdpa_kernels
+
+    assert sdpa_kernels.main(["--device", "cpu", "--dtype", "bfloat16", "--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "sdpa_kernels.json").read_text())
+    rows = {(r["model"], r["padding"], r["phase"]): r for r in result["rows"]}
+    assert set(rows) == {
+        (model, padded, phase)
+        for model in ("base", "prefix_plus")
+        for padded in (False, True)
+        for phase in ("train", "prefill", "decode")
+    }
+    layers = 2  # the smoke Llama
+    unpadded = rows["base", False, "train"]
+    assert unpadded["forward"] == unpadded["backward"] == {"flash (CPU)": layers}
+    assert [(c["mask"], c["is_causal"], c["count"]) for c in unpadded["sdpa_calls"]] == [(None, True, layers)]
+    assert all(c["mask"] for c in rows["base", True, "train"]["sdpa_calls"])
+    assert rows["base", False, "decode"]["sdpa_calls"][0]["query"][2] == 1  # one new token against the cache
+    markdown = (tmp_path / "sdpa_kernels.md").read_text()
+    assert markdown.count("| base |") == markdown.count("| prefix_plus |") == 6
+
+
+def test_sdpa_kernel_report_counts_a_cuda_kernel_once() -> None:
+    """CUDA's entry operations call inner ones (efficient -> _efficient_attention_forward): one call, one count, with
+    the GPU kernel launched inside it. Events built by hand, as the profiler gives them on a GPU, since CI has none."""
+    from types import SimpleNamespace
+
+    from benchmarks.sdpa_kernels import summarise
+
+    def event(name, parent=None, kernels=(), shapes=None, values=None):
+        node = SimpleNamespace(name=name, cpu_parent=parent, cpu_children=[], input_shapes=shapes)
+        node.kernels = [SimpleNamespace(name=k) for k in kernels]
+        node.concrete_inputs = values
+        if parent is not None:
+            parent.cpu_children.append(node)
+        return node
+
+    sdpa = event(
+        "aten::scaled_dot_product_attention",
+        shapes=[[2, 6, 8, 64], [2, 6, 24, 64], [2, 6, 24, 64], [2, 1, 8, 24], [], [], [], []],
+        values=[None, None, None, None, 0.0, False, None, False],
+    )
+    entry = event("aten::_scaled_dot_product_efficient_attention", sdpa)
+    inner = event("aten::_efficient_attention_forward", entry, kernels=["fmha_cutlassF_bf16_aligned_64x64_rf_sm80"])
+    flash_bwd = event("aten::_scaled_dot_product_flash_attention_backward", kernels=["flash_bwd_kernel"])
+    softmax = event("aten::softmax")
+    summary = summarise([sdpa, entry, inner, flash_bwd, softmax, event("aten::mm", kernels=["gemm"])])
+    assert summary["forward"] == {"efficient": 1, "none: eager softmax": 1}
+    assert summary["backward"] == {"flash": 1}
+    assert summary["gpu_kernels"] == {"fmha_cutlassF_bf16_aligned_64x64_rf_sm80": 1, "flash_bwd_kernel": 1}
+    assert summary["sdpa_calls"] == [
+        {"query": [2, 6, 8, 64], "key": [2, 6, 24, 64], "mask": [2, 1, 8, 24], "is_causal": False, "enable_gqa": False,
+         "count": 1}
+    ]  # fmt: skip
