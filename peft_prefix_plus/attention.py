@@ -17,10 +17,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -66,17 +67,22 @@ def _extend_mask(
     causal: bool,
     boolean: bool,
     columns: Optional[torch.Tensor] = None,
-) -> Optional[torch.Tensor]:
+    fused: bool = False,
+) -> Optional[Union[torch.Tensor, CausalBias]]:
     """Add ``length`` prefix columns in front of ``mask`` (boolean or additive float).
 
     The prefix columns are "attend", or, when ``columns`` (``(batch, length)``, boolean) is given, what it says per
     row. A ``None`` mask is given the meaning the wrapped function gives it. Eager attention applies no mask at all,
     so ``None`` stays ``None``. sdpa (``boolean=True``) applies its own ``is_causal``, which is aligned to the top left
     and used only for more than one query; the wrapper has already dropped keys past the last query, so here top
-    left and bottom right coincide and the prefix columns go in front of a square causal mask.
+    left and bottom right coincide and the prefix columns go in front of a square causal mask. With ``fused`` (sdpa
+    without a position bias) that mask is torch's `causal_lower_right` bias, which sdpa runs in its fused (flash or
+    memory-efficient) kernels on a GPU without materialising it, as it runs the base model's ``is_causal``.
     """
     q_len, k_len = query.shape[2], key_length
     if mask is None:
+        if boolean and causal and q_len > 1 and fused and columns is None:
+            return causal_lower_right(q_len, length + k_len)
         if boolean and causal and q_len > 1:
             # only the queries' own keys remain (see above), so row i sees the prefix and keys 0..i
             rows = torch.arange(q_len, device=query.device)[:, None] + (length + k_len - q_len)
@@ -196,12 +202,21 @@ def _make_prefix_attention(implementation: str) -> Callable:
             real_length = query.shape[2]
             if kwargs.get("position_bias") is not None:
                 kwargs["position_bias"] = kwargs["position_bias"][..., : query.shape[2]]
-        # every layer of a forward pass gets the same mask: extend it once
-        geometry = (length, query.shape[2], real_length, causal, implementation, id(columns))
+        # every layer of a forward pass gets the same mask: extend it once. sdpa builds its own mask from a position
+        # bias (T5), so only calls without one can take the unmaterialised causal bias
+        fused = kwargs.get("position_bias") is None
+        geometry = (length, query.shape[2], real_length, causal, implementation, id(columns), fused)
         found, extended = layer.memo(attention_mask, geometry)
         if not found:
             extended = _extend_mask(
-                attention_mask, length, query, real_length, causal, boolean=implementation == "sdpa", columns=columns
+                attention_mask,
+                length,
+                query,
+                real_length,
+                causal,
+                boolean=implementation == "sdpa",
+                columns=columns,
+                fused=fused,
             )
             layer.remember(attention_mask, geometry, extended)
         if inside:  # one key/value sequence already: the model's own attention call
