@@ -181,7 +181,9 @@ def _make_prefix_attention(implementation: str) -> Callable:
         # During generation the prefix may already be at the front of the cached keys (see `kv_cache`)
         inside = 0
         seeded = layer.seeded.get((route[1], route[2])) if layer.seeded else None
-        if seeded is not None and seeded.keys is key:
+        # the module read this call's keys from that cache layer (compared by length: an offloading cache hands out a
+        # copy on the device)
+        if seeded is not None and seeded.keys is not None and key.shape[2] == seeded.keys.shape[-2]:
             if prefix is not None and seeded.version == layer.versions.get(route[1]):
                 inside = seeded.prefix_length
             else:  # the adapters changed since the cache was seeded: attend the real keys only

@@ -205,6 +205,8 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         self.site_devices: dict[str, torch.device] = {}
         # site -> how many times its prefixes were computed; a prefix seeded into a KV cache is used while it is current
         self.versions: dict[str, int] = {}
+        # how many times every prefix was dropped (`clear()`), which a decoding step's reuse of prefixes checks
+        self.clears = 0
         # (site, layer index) -> the KV cache layer holding that layer's prefix in front of its keys, during a pass
         self.seeded: dict[tuple[str, int], DynamicLayer] = {}
 
@@ -404,6 +406,8 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
             self._prefixes.pop(site, None)
             self._row_prefixes.pop(site, None)
         self._masks.clear()
+        if sites is None:  # e.g. `merge_mlp()`: prefixes kept across decoding steps must be computed again
+            self.clears += 1
 
     def begin_pass(self) -> None:
         """Forget the extended attention masks of the previous forward pass."""

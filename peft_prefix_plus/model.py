@@ -312,7 +312,12 @@ class PrefixPlusModel(BaseTuner):
         decoding = cache is not None and not torch.is_grad_enabled()
         owner = state.owner() if state.owner is not None else None
         rows = self._rows_of(args, kwargs)
-        active = (tuple(layer.active_adapters), layer.disable_adapters, None if rows is None else tuple(rows))
+        active = (
+            tuple(layer.active_adapters),
+            layer.disable_adapters,
+            None if rows is None else tuple(rows),
+            layer.clears,
+        )
         if not (decoding and owner is cache and active == state.active):
             layer.refresh(state.sites, rows)
             state.owner = weakref.ref(cache) if decoding else None

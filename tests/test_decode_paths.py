@@ -188,3 +188,25 @@ def test_prefixed_cache_layer_crops_tokens_never_the_prefix():
     layer.reset()
     keys, _ = layer.update(torch.ones(1, 2, 2, 8), torch.ones(1, 2, 2, 8))  # seeded again after a reset
     assert keys.shape == (1, 2, 6, 8) and layer.get_seq_length() == 2
+
+
+def test_merging_the_mlp_while_decoding_with_one_cache():
+    """`merge_mlp()` between two decoding steps of one cache: the steps after it attend the merged prefix (equal to
+    the MLP's), not no prefix at all."""
+    logits = {}
+    for merge in (False, True):
+        model, task = adapted("llama", "unmerged")
+        inputs = inputs_for(task)
+        cache, steps = DynamicCache(), []
+        with torch.no_grad():
+            out = model(**inputs, cache=cache, use_cache=True)
+            mask = inputs["attention_mask"]
+            for step in range(3):
+                if merge and step == 1:
+                    model.merge_mlp()
+                token = out.logits[:, -1:].argmax(-1)
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
+                steps.append(out.logits)
+        logits[merge] = torch.stack(steps)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-6)
