@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -29,6 +30,10 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 #: Attention implementations PrefixPlus can wrap, and the name of the wrapper registered for each.
 WRAPPED_IMPLEMENTATIONS = {"eager": "prefix_plus_eager", "sdpa": "prefix_plus_sdpa"}
 UNWRAPPED_IMPLEMENTATIONS = {wrapper: name for name, wrapper in WRAPPED_IMPLEMENTATIONS.items()}
+#: Devices on which sdpa gets the prefix's causal structure as torch's `causal_lower_right` bias when there is no
+#: padding: CUDA runs it in the fused flash / memory-efficient kernels. Elsewhere sdpa would materialise the bias
+#: itself, so the mask tensor (built once per forward pass) is kept.
+CAUSAL_BIAS_DEVICES: tuple[str, ...] = ("cuda",)
 _PROBE = "prefix_plus_probe"
 _ROUTE_ATTR = "_prefix_plus_route"
 
@@ -162,6 +167,17 @@ def _decode_attention(
     return output.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous(), probs
 
 
+def _causal_bias_allowed(query: torch.Tensor) -> bool:
+    """Whether sdpa may get a `causal_lower_right` bias for this call: on a device of `CAUSAL_BIAS_DEVICES`, outside
+    `torch.compile` and outside torch dispatch modes (e.g. `FlopCounterMode`), inside which the bias, a tensor
+    subclass, cannot be created."""
+    return (
+        query.device.type in CAUSAL_BIAS_DEVICES
+        and not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+    )
+
+
 def _make_prefix_attention(implementation: str) -> Callable:
     def prefix_attention(
         module: nn.Module,
@@ -206,7 +222,7 @@ def _make_prefix_attention(implementation: str) -> Callable:
                 kwargs["position_bias"] = kwargs["position_bias"][..., : query.shape[2]]
         # every layer of a forward pass gets the same mask: extend it once. sdpa builds its own mask from a position
         # bias (T5), so only calls without one can take the unmaterialised causal bias
-        fused = kwargs.get("position_bias") is None
+        fused = kwargs.get("position_bias") is None and _causal_bias_allowed(query)
         geometry = (length, query.shape[2], real_length, causal, implementation, id(columns), fused)
         found, extended = layer.memo(attention_mask, geometry)
         if not found:

@@ -1,6 +1,10 @@
 """Without padding, sdpa gets the prefix's causal structure as torch's ``causal_lower_right`` bias instead of a
 materialised mask tensor (on a GPU it then runs in the fused kernels, as the base model's ``is_causal`` does), and the
-outputs and gradients are those of the materialised mask."""
+outputs and gradients are those of the materialised mask.
+
+The bias is used on CUDA only (a CPU's sdpa materialises it itself); these tests enable it on the CPU to compare it
+with the mask, and ``tests/test_devices.py`` runs the CUDA path where a GPU is present.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,14 @@ import torch
 from conftest import batch_for, site_kwargs, tiny_model
 from peft import get_peft_model
 from torch.nn.attention.bias import CausalBias
+from torch.utils.flop_counter import FlopCounterMode
 
 from peft_prefix_plus import PrefixPlusConfig, attention
+
+
+@pytest.fixture(autouse=True)
+def causal_bias_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(attention, "CAUSAL_BIAS_DEVICES", ("cpu", "cuda"))
 
 
 def masks_seen_by_sdpa(monkeypatch) -> list:
@@ -70,3 +80,18 @@ def test_prefill_of_a_generate_call_takes_the_causal_bias(monkeypatch):
     assert isinstance(seen[0], CausalBias) and seen[0].seq_len_q == 6 and seen[0].seq_len_kv == 9
     assert all(mask is None for mask in seen[2:])  # decoding steps over the seeded cache: nothing to mask
     assert torch.equal(tokens, model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False, use_cache=False))
+
+
+def test_outside_the_bias_devices_and_inside_dispatch_modes_the_mask_is_kept(monkeypatch):
+    """The bias only where sdpa runs it fused, and never inside a torch dispatch mode, which cannot create it."""
+    base, task = tiny_model("llama", "sdpa")
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3)).train()
+    batch = batch_for(task, left_pad=False)
+    batch.pop("attention_mask")
+    seen = masks_seen_by_sdpa(monkeypatch)
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = step(model, batch)
+    assert counter.get_total_flops() > 0 and torch.isfinite(loss)
+    monkeypatch.setattr(attention, "CAUSAL_BIAS_DEVICES", ("cuda",))
+    step(model, batch)
+    assert seen and all(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool for mask in seen)
