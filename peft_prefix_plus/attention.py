@@ -17,12 +17,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.nn.attention.bias import CausalBias, causal_lower_right
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -30,10 +28,9 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 #: Attention implementations PrefixPlus can wrap, and the name of the wrapper registered for each.
 WRAPPED_IMPLEMENTATIONS = {"eager": "prefix_plus_eager", "sdpa": "prefix_plus_sdpa"}
 UNWRAPPED_IMPLEMENTATIONS = {wrapper: name for name, wrapper in WRAPPED_IMPLEMENTATIONS.items()}
-#: Devices on which sdpa gets the prefix's causal structure as torch's `causal_lower_right` bias when there is no
-#: padding: CUDA runs it in the fused flash / memory-efficient kernels. Elsewhere sdpa would materialise the bias
-#: itself, so the mask tensor (built once per forward pass) is kept.
-CAUSAL_BIAS_DEVICES: tuple[str, ...] = ("cuda",)
+#: Unpadded causal sdpa calls attend the prefix through a square, maskless ``is_causal`` call (see
+#: `_square_causal_attention`); `False` passes a materialised mask instead (the tests compare the two).
+SQUARE_CAUSAL = True
 _PROBE = "prefix_plus_probe"
 _ROUTE_ATTR = "_prefix_plus_route"
 
@@ -72,22 +69,17 @@ def _extend_mask(
     causal: bool,
     boolean: bool,
     columns: Optional[torch.Tensor] = None,
-    fused: bool = False,
-) -> Optional[Union[torch.Tensor, CausalBias]]:
+) -> Optional[torch.Tensor]:
     """Add ``length`` prefix columns in front of ``mask`` (boolean or additive float).
 
     The prefix columns are "attend", or, when ``columns`` (``(batch, length)``, boolean) is given, what it says per
     row. A ``None`` mask is given the meaning the wrapped function gives it. Eager attention applies no mask at all,
     so ``None`` stays ``None``. sdpa (``boolean=True``) applies its own ``is_causal``, which is aligned to the top left
     and used only for more than one query; the wrapper has already dropped keys past the last query, so here top
-    left and bottom right coincide and the prefix columns go in front of a square causal mask. With ``fused`` (sdpa
-    without a position bias) that mask is torch's `causal_lower_right` bias, which sdpa runs in its fused (flash or
-    memory-efficient) kernels on a GPU without materialising it, as it runs the base model's ``is_causal``.
+    left and bottom right coincide and the prefix columns go in front of a square causal mask.
     """
     q_len, k_len = query.shape[2], key_length
     if mask is None:
-        if boolean and causal and q_len > 1 and fused and columns is None:
-            return causal_lower_right(q_len, length + k_len)
         if boolean and causal and q_len > 1:
             # only the queries' own keys remain (see above), so row i sees the prefix and keys 0..i
             rows = torch.arange(q_len, device=query.device)[:, None] + (length + k_len - q_len)
@@ -167,15 +159,20 @@ def _decode_attention(
     return output.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous(), probs
 
 
-def _causal_bias_allowed(query: torch.Tensor) -> bool:
-    """Whether sdpa may get a `causal_lower_right` bias for this call: on a device of `CAUSAL_BIAS_DEVICES`, outside
-    `torch.compile` and outside torch dispatch modes (e.g. `FlopCounterMode`), inside which the bias, a tensor
-    subclass, cannot be created."""
-    return (
-        query.device.type in CAUSAL_BIAS_DEVICES
-        and not torch.compiler.is_compiling()
-        and _get_current_dispatch_mode() is None
-    )
+def _square_causal_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, length: int, **kwargs: Any
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """sdpa over ``length`` prefix keys and as many real keys as queries, causal, with no mask tensor.
+
+    The queries get ``length`` zero rows in front, which makes the call square: sdpa's own ``is_causal`` then lets
+    query row ``length + i`` see the prefix and the real keys ``0..i``, exactly the bottom-right causal structure,
+    and runs in the fused kernels the base model's ``is_causal`` runs in (flash on a GPU and on a CPU, which also
+    skip the masked half; a materialised mask computes every score). The extra rows' outputs are dropped, so they
+    take no part in the result or its gradients.
+    """
+    padded = torch.cat([query.new_zeros((*query.shape[:2], length, query.shape[3])), query], dim=2)
+    output, weights = sdpa_attention_forward(module, padded, key, value, None, **kwargs)
+    return output[:, length:], weights
 
 
 def _make_prefix_attention(implementation: str) -> Callable:
@@ -220,35 +217,46 @@ def _make_prefix_attention(implementation: str) -> Callable:
             real_length = query.shape[2]
             if kwargs.get("position_bias") is not None:
                 kwargs["position_bias"] = kwargs["position_bias"][..., : query.shape[2]]
-        # every layer of a forward pass gets the same mask: extend it once. sdpa builds its own mask from a position
-        # bias (T5), so only calls without one can take the unmaterialised causal bias
-        fused = kwargs.get("position_bias") is None and _causal_bias_allowed(query)
-        geometry = (length, query.shape[2], real_length, causal, implementation, id(columns), fused)
-        found, extended = layer.memo(attention_mask, geometry)
-        if not found:
-            extended = _extend_mask(
-                attention_mask,
-                length,
-                query,
-                real_length,
-                causal,
-                boolean=implementation == "sdpa",
-                columns=columns,
-                fused=fused,
-            )
-            layer.remember(attention_mask, geometry, extended)
-        if inside:  # one key/value sequence already: the model's own attention call
-            return _base_function(module, implementation)(module, query, key, value, extended, **kwargs)
-        prefix_keys = prefix_keys.to(device=key.device, dtype=key.dtype)
-        prefix_values = prefix_values.to(device=value.device, dtype=value.dtype)
-        if query.shape[2] == 1 and not module.training and kwargs.keys() <= _DECODE_KWARGS:
-            return _decode_attention(query, key, value, prefix_keys, prefix_values, extended, **kwargs)
         position_bias = kwargs.get("position_bias")
-        if position_bias is not None:
+        # without padding, sdpa's causal attention over prefix and real keys needs no mask tensor (T5's position
+        # bias makes sdpa build one anyway)
+        square = (
+            attention_mask is None
+            and implementation == "sdpa"
+            and causal
+            and columns is None
+            and position_bias is None
+            and 1 < query.shape[2] == real_length
+            and SQUARE_CAUSAL
+        )
+        if not square:  # every layer of a forward pass gets the same mask: extend it once
+            geometry = (length, query.shape[2], real_length, causal, implementation, id(columns))
+            found, extended = layer.memo(attention_mask, geometry)
+            if not found:
+                extended = _extend_mask(
+                    attention_mask,
+                    length,
+                    query,
+                    real_length,
+                    causal,
+                    boolean=implementation == "sdpa",
+                    columns=columns,
+                )
+                layer.remember(attention_mask, geometry, extended)
+        if not inside:
+            prefix_keys = prefix_keys.to(device=key.device, dtype=key.dtype)
+            prefix_values = prefix_values.to(device=value.device, dtype=value.dtype)
+            if query.shape[2] == 1 and not module.training and kwargs.keys() <= _DECODE_KWARGS:
+                return _decode_attention(query, key, value, prefix_keys, prefix_values, extended, **kwargs)
+            if position_bias is not None:
+                kwargs["position_bias"] = nn.functional.pad(position_bias, (length, 0))
+            batch = key.shape[0]
+            key = torch.cat([prefix_keys.expand(batch, *prefix_keys.shape[-3:]), key], dim=2)
+            value = torch.cat([prefix_values.expand(batch, *prefix_values.shape[-3:]), value], dim=2)
+        elif position_bias is not None:
             kwargs["position_bias"] = nn.functional.pad(position_bias, (length, 0))
-        batch = key.shape[0]
-        key = torch.cat([prefix_keys.expand(batch, *prefix_keys.shape[-3:]), key], dim=2)
-        value = torch.cat([prefix_values.expand(batch, *prefix_values.shape[-3:]), value], dim=2)
+        if square:
+            return _square_causal_attention(module, query, key, value, length, **kwargs)
         return _base_function(module, implementation)(module, query, key, value, extended, **kwargs)
 
     prefix_attention.__name__ = f"prefix_plus_{implementation}_attention"
