@@ -187,21 +187,26 @@ def _make_prefix_attention(implementation: str) -> Callable:
         route = getattr(module, _ROUTE_ATTR, None)
         if route is None:
             return _base_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
-        layer = route[0]
+        layer, site, index = route
         if layer.capture is not None:  # text initialisation records the states
-            layer.capture[(route[1], route[2])] = (key, value)
-        prefix = layer.prefix_for(route[1], route[2])
+            layer.capture[(site, index)] = (key, value)
         # During generation the prefix may already be at the front of the cached keys (see `kv_cache`)
         inside = 0
-        seeded = layer.seeded.get((route[1], route[2])) if layer.seeded else None
+        seeded = layer.seeded.get((site, index)) if layer.seeded else None
         # the module read this call's keys from that cache layer (compared by length: an offloading cache hands out a
         # copy on the device)
         if seeded is not None and seeded.keys is not None and key.shape[2] == seeded.keys.shape[-2]:
-            if prefix is not None and seeded.version == layer.versions.get(route[1]):
+            if seeded.version == layer.versions.get(site):  # the prefix computed for this pass
+                if query.shape[2] == 1 and attention_mask is None and layer.row_adapters is None:
+                    # a decoding step with nothing to mask: exactly the base model's call
+                    return _base_function(module, implementation)(module, query, key, value, None, **kwargs)
                 inside = seeded.prefix_length
             else:  # the adapters changed since the cache was seeded: attend the real keys only
                 key, value = key[:, :, seeded.prefix_length :], value[:, :, seeded.prefix_length :]
+        prefix = layer.prefix_for(site, index)
         if prefix is None:
+            if inside:  # (not expected: a seeded prefix is current only while the pass has one)
+                key, value = key[:, :, inside:], value[:, :, inside:]
             return _base_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
         prefix_keys, prefix_values, columns = prefix  # columns: per-row prefix columns of a mixed batch, else None
         length = prefix_keys.shape[-2]
