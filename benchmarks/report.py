@@ -83,7 +83,7 @@ ROW_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("range_s", "min–max (s)"),
         ("tokens_per_s", "tokens/s"),
         ("decode_tokens_per_s", "decoding steps: tokens/s"),
-        ("step_median_ms", "median step (ms)"),
+        ("step_median_ms", "interleaved step, median (ms)"),
     ],
     "size": [
         ("model", "model"),
