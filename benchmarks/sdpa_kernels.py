@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 from collections import Counter
 from datetime import datetime, timezone
@@ -45,9 +44,9 @@ if str(REPO) not in sys.path:  # also runs as `python benchmarks/sdpa_kernels.py
 
 import peft  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
+from benchmarks import report  # noqa: E402
 from benchmarks.common import DTYPES, build_llama  # noqa: E402
 from peft_prefix_plus import PrefixPlusConfig  # noqa: E402
 
@@ -267,12 +266,7 @@ def report_kernels(
 
 
 def _environment(device: str) -> dict[str, Any]:
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
+    env = report.environment(device)
     if device == "cuda":
         env |= {
             "gpu": torch.cuda.get_device_name(0),

@@ -3,6 +3,8 @@ of recomputation without a cache: every strategy, family, site and adapter setup
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import batch_for, site_kwargs, tiny_model
@@ -129,6 +131,22 @@ def test_disable_adapter_inside_a_generate_loop(family):
         assert_same_generation(generate(model, inputs), first)
 
 
+def decode_by_hand(model, inputs: dict, steps: int, around_step=lambda step: contextlib.nullcontext()):
+    """Greedy decoding with one cache, as a caller's own loop does; ``around_step(step)`` is entered around each
+    step (to change the adapters between steps). Returns the cache and each step's logits."""
+    cache, logits = DynamicCache(), []
+    with torch.no_grad():
+        out = model(**inputs, cache=cache, use_cache=True)
+        mask = inputs["attention_mask"]
+        for step in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            with around_step(step):
+                out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
+            logits.append(out.logits)
+    return cache, torch.stack(logits)
+
+
 def test_switching_adapters_while_decoding_with_one_cache():
     """A caller's own decoding loop keeps its cache while the adapters change: the prefix seeded at the first step
     is dropped from the keys, and the current one is attended beside the cache, as without seeding."""
@@ -137,24 +155,14 @@ def test_switching_adapters_while_decoding_with_one_cache():
         model, task = adapted("llama", "unmerged")
         model.add_adapter("other", PrefixPlusConfig(task_type=task, num_virtual_tokens=4, prefix_projection=False))
         model.base_model.seeds_kv_cache = seeds
-        inputs = inputs_for(task)
-        cache, steps = DynamicCache(), []
-        with torch.no_grad():
-            out = model(**inputs, cache=cache, use_cache=True)
-            mask = inputs["attention_mask"]
-            for step in range(4):
-                token = out.logits[:, -1:].argmax(-1)
-                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                if step == 1:
-                    model.base_model.set_adapter("other")
-                if step == 2:
-                    with model.disable_adapter():
-                        out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
-                else:
-                    out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
-                steps.append(out.logits)
+
+        def around_step(step: int, model=model):
+            if step == 1:
+                model.base_model.set_adapter("other")
+            return model.disable_adapter() if step == 2 else contextlib.nullcontext()
+
+        cache, logits[seeds] = decode_by_hand(model, inputs_for(task), 4, around_step)
         assert isinstance(cache.layers[0], PrefixedCacheLayer) == seeds
-        logits[seeds] = torch.stack(steps)
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-6)
 
 
@@ -196,17 +204,11 @@ def test_merging_the_mlp_while_decoding_with_one_cache():
     logits = {}
     for merge in (False, True):
         model, task = adapted("llama", "unmerged")
-        inputs = inputs_for(task)
-        cache, steps = DynamicCache(), []
-        with torch.no_grad():
-            out = model(**inputs, cache=cache, use_cache=True)
-            mask = inputs["attention_mask"]
-            for step in range(3):
-                if merge and step == 1:
-                    model.merge_mlp()
-                token = out.logits[:, -1:].argmax(-1)
-                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
-                steps.append(out.logits)
-        logits[merge] = torch.stack(steps)
+
+        def around_step(step: int, model=model, merge=merge):
+            if merge and step == 1:
+                model.merge_mlp()
+            return contextlib.nullcontext()
+
+        _, logits[merge] = decode_by_hand(model, inputs_for(task), 3, around_step)
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-6)
