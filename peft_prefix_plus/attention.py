@@ -166,9 +166,9 @@ def _square_causal_attention(
 
     The queries get ``length`` zero rows in front, which makes the call square: sdpa's own ``is_causal`` then lets
     query row ``length + i`` see the prefix and the real keys ``0..i``, exactly the bottom-right causal structure,
-    and runs in the fused kernels the base model's ``is_causal`` runs in (flash on a GPU and on a CPU, which also
-    skip the masked half; a materialised mask computes every score). The extra rows' outputs are dropped, so they
-    take no part in the result or its gradients.
+    in the base model's own call shape (square, ``is_causal``, no mask), so sdpa may pick the same fused kernel (on a
+    CPU its flash kernel, which skips the masked half where a materialised mask computes every score). The extra
+    rows' outputs are dropped, so they take no part in the result or its gradients.
     """
     padded = torch.cat([query.new_zeros((*query.shape[:2], length, query.shape[3])), query], dim=2)
     output, weights = sdpa_attention_forward(module, padded, key, value, None, **kwargs)
@@ -248,17 +248,15 @@ def _make_prefix_attention(implementation: str) -> Callable:
                     columns=columns,
                 )
                 layer.remember(attention_mask, geometry, extended)
-        if not inside:
+        if not inside:  # put the prefix in front of the keys (or, decoding, attend it beside them)
             prefix_keys = prefix_keys.to(device=key.device, dtype=key.dtype)
             prefix_values = prefix_values.to(device=value.device, dtype=value.dtype)
             if query.shape[2] == 1 and not module.training and kwargs.keys() <= _DECODE_KWARGS:
                 return _decode_attention(query, key, value, prefix_keys, prefix_values, extended, **kwargs)
-            if position_bias is not None:
-                kwargs["position_bias"] = nn.functional.pad(position_bias, (length, 0))
             batch = key.shape[0]
             key = torch.cat([prefix_keys.expand(batch, *prefix_keys.shape[-3:]), key], dim=2)
             value = torch.cat([prefix_values.expand(batch, *prefix_values.shape[-3:]), value], dim=2)
-        elif position_bias is not None:
+        if position_bias is not None:
             kwargs["position_bias"] = nn.functional.pad(position_bias, (length, 0))
         if square:
             return _square_causal_attention(module, query, key, value, length, **kwargs)

@@ -9,9 +9,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.cache_utils import DynamicLayer
 
 from .config import PrefixPlusConfig
+from .kv_cache import PrefixedCacheLayer
 
 MERGE_INTO_WEIGHTS_MESSAGE = (
     "PrefixPlus prefixes cannot be merged into the base model's weights: a prefix adds key/value columns to every "
@@ -208,7 +208,7 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         # how many times every prefix was dropped (`clear()`), which a decoding step's reuse of prefixes checks
         self.clears = 0
         # (site, layer index) -> the KV cache layer holding that layer's prefix in front of its keys, during a pass
-        self.seeded: dict[tuple[str, int], DynamicLayer] = {}
+        self.seeded: dict[tuple[str, int], PrefixedCacheLayer] = {}
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise NotImplementedError(MERGE_INTO_WEIGHTS_MESSAGE)
@@ -408,6 +408,11 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         self._masks.clear()
         if sites is None:  # e.g. `merge_mlp()`: prefixes kept across decoding steps must be computed again
             self.clears += 1
+
+    def release_seeded(self, sites: tuple[str, ...]) -> None:
+        """Forget the seeded KV cache layers of ``sites`` (the cache is the caller's to keep or drop)."""
+        if self.seeded:
+            self.seeded = {key: found for key, found in self.seeded.items() if key[0] not in sites}
 
     def begin_pass(self) -> None:
         """Forget the extended attention masks of the previous forward pass."""

@@ -335,7 +335,7 @@ class PrefixPlusModel(BaseTuner):
     def _use_seeded_cache(self, state: _StackState, cache: Any, decoding: bool) -> None:
         """Tell the attention wrapper which cache layers of this pass hold their prefix; seed an empty cache."""
         layer = self._layer
-        layer.seeded = {key: found for key, found in layer.seeded.items() if key[0] not in state.sites}
+        layer.release_seeded(state.sites)
         if cache is None:
             return
         seeded = seeded_layers(cache)
@@ -412,8 +412,7 @@ class PrefixPlusModel(BaseTuner):
 
     def _after_stack(self, state: _StackState, module: nn.Module, args: tuple, output: Any) -> None:
         layer = self._layer
-        if layer.seeded:  # the cache is the caller's to keep or drop
-            layer.seeded = {key: found for key, found in layer.seeded.items() if key[0] not in state.sites}
+        layer.release_seeded(state.sites)
         if layer.checkpointing:
             return  # recomputation in the backward pass reads the prefixes and masks again
         if state.owner is None:
