@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import sys
 import warnings
 
 import torch
@@ -116,6 +118,39 @@ FAMILY_SPECS: dict[str, tuple[type, dict, type, str]] = {
         "SEQ_CLS",
     ),
 }
+
+
+def uses_attention_interface(model_cls: type) -> bool:
+    """Whether the installed transformers computes ``model_cls``'s attention through ``AttentionInterface``.
+
+    Read from transformers' own modeling source, independently of PrefixPlus, so that the tests follow what the
+    installed version does (Falcon moved to the interface in transformers 5.25, for instance).
+    """
+    return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(sys.modules[model_cls.__module__])
+
+
+#: Families that join the matrix only where the installed transformers computes their attention through the interface.
+INTERFACE_DEPENDENT_SPECS: dict[str, tuple[type, dict, type, str]] = {
+    "falcon": (
+        transformers.FalconConfig,
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 128,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+        },
+        transformers.FalconForCausalLM,
+        "CAUSAL_LM",
+    ),
+}
+FAMILY_SPECS.update(
+    {family: spec for family, spec in INTERFACE_DEPENDENT_SPECS.items() if uses_attention_interface(spec[2])}
+)
 FAMILIES = list(FAMILY_SPECS)
 
 
@@ -131,7 +166,8 @@ def tiny_config(family: str, attn_implementation: str = "sdpa", **overrides) -> 
 def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, **overrides):
     """A tiny randomly initialised model of ``family`` (seeded) and its PEFT task type.
 
-    Families: gpt2, llama (grouped-query attention), opt, t5, bart, bert (sequence classification). ``overrides``
+    Families: gpt2, llama (grouped-query attention), opt, t5, bart, bert (sequence classification), and falcon
+    (multi-query attention) where the installed transformers runs it through the interface. ``overrides``
     are config fields, e.g. ``tiny_model("llama", num_hidden_layers=3)``.
     """
     _, _, model_cls, task_type = FAMILY_SPECS[family]
@@ -179,6 +215,11 @@ def forward_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         inputs["labels"] = batch["labels"]
     with torch.no_grad():
         return model(**inputs).logits
+
+
+def returned_cache(output):
+    """The KV cache a forward or `generate` returns: ``cache`` from transformers 5.25, ``past_key_values`` before."""
+    return output.cache if "cache" in output else output.past_key_values
 
 
 def all_configs(model: torch.nn.Module) -> list:

@@ -21,6 +21,7 @@ from conftest import (
     frozen_copy,
     site_kwargs,
     tiny_model,
+    uses_attention_interface,
 )
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
@@ -381,18 +382,39 @@ def test_generation_strategies(family):
     assert greedy.sequences.shape[1] == (5 + new_tokens if not base.config.is_encoder_decoder else new_tokens)
 
 
-@pytest.mark.parametrize(
-    ("model_type", "config_kwargs"),
-    [
-        ("bloom", {"n_layer": 2, "n_head": 4}),
-        ("falcon", {"num_hidden_layers": 2, "num_attention_heads": 4}),
-    ],
-)
-def test_unsupported_model_type_is_named(model_type, config_kwargs):
-    config = transformers.AutoConfig.for_model(model_type, vocab_size=100, hidden_size=32, **config_kwargs)
+#: Families with their own attention code in some supported transformers version, with tiny sizes.
+OWN_ATTENTION_CANDIDATES = {
+    "bloom": (transformers.BloomForCausalLM, {"n_layer": 2, "n_head": 4}),
+    "gpt_neo": (
+        transformers.GPTNeoForCausalLM,
+        {"num_layers": 2, "num_heads": 4, "attention_types": [[["global"], 2]]},
+    ),
+    "falcon": (transformers.FalconForCausalLM, {"num_hidden_layers": 2, "num_attention_heads": 4}),
+}
+
+
+@pytest.mark.parametrize("model_type", list(OWN_ATTENTION_CANDIDATES))
+def test_a_family_is_refused_exactly_when_its_attention_bypasses_the_interface(model_type):
+    """The installed transformers' modeling source decides: refused with a clear error, or adapted and steered."""
+    model_cls, sizes = OWN_ATTENTION_CANDIDATES[model_type]
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=100, hidden_size=32, **sizes)
     base = transformers.AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError, match=rf"'{model_type}'.*AttentionInterface.*Supported"):
-        get_peft_model(base, PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    config = PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    if not uses_attention_interface(model_cls):
+        with pytest.raises(ValueError, match=rf"'{model_type}'.*AttentionInterface.*Supported"):
+            get_peft_model(base, config)
+        assert base.config._attn_implementation in ("eager", "sdpa")  # refused before anything changed
+        return
+    reference = frozen_copy(base)
+    input_ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    model = get_peft_model(base, config).eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits)
+
+
+def test_some_family_is_refused_in_the_installed_transformers():
+    """The refusal path above is exercised in every supported version: some candidate bypasses the interface."""
+    assert any(not uses_attention_interface(cls) for cls, _ in OWN_ATTENTION_CANDIDATES.values())
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "gemma", "roberta"])

@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import batch_for, site_kwargs, tiny_model
+from conftest import batch_for, returned_cache, site_kwargs, tiny_model
 from peft import get_peft_model
 from transformers import DynamicCache
 
@@ -104,7 +104,7 @@ def test_seeded_layers_hold_the_prefix_in_front_and_report_real_lengths(family, 
     model, task = adapted(family, "unmerged", attn)
     inputs = inputs_for(task)
     out = model.generate(**inputs, max_new_tokens=4, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = returned_cache(out)
     parts = [cache.self_attention_cache, cache.cross_attention_cache] if task == "SEQ_2_SEQ_LM" else [cache]
     lengths = [3, 5] if task == "SEQ_2_SEQ_LM" else [3]  # decoder self-attention, cross-attention
     real = [out.sequences.shape[1] - 1, inputs["input_ids"].shape[1]]
@@ -178,7 +178,7 @@ def test_a_cache_used_before_is_not_seeded():
         cached = model(
             input_ids=inputs["input_ids"][:, -1:],
             attention_mask=torch.cat([inputs["attention_mask"], torch.ones(3, 1, dtype=torch.long)], dim=1),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         ).logits
     assert not isinstance(cache.layers[0], PrefixedCacheLayer) and torch.isfinite(cached).all()
