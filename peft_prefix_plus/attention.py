@@ -25,6 +25,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from .kv_cache import PrefixedCacheLayer, cache_layer
+
 #: Attention implementations PrefixPlus can wrap, and the name of the wrapper registered for each.
 WRAPPED_IMPLEMENTATIONS = {"eager": "prefix_plus_eager", "sdpa": "prefix_plus_sdpa"}
 UNWRAPPED_IMPLEMENTATIONS = {wrapper: name for name, wrapper in WRAPPED_IMPLEMENTATIONS.items()}
@@ -33,6 +35,33 @@ UNWRAPPED_IMPLEMENTATIONS = {wrapper: name for name, wrapper in WRAPPED_IMPLEMEN
 SQUARE_CAUSAL = True
 _PROBE = "prefix_plus_probe"
 _ROUTE_ATTR = "_prefix_plus_route"
+#: The keyword argument through which a forward pass hands its `PrefixCall` to every attention call of that pass.
+CALL_KWARG = "prefix_plus_call"
+
+
+@dataclass(frozen=True)
+class PrefixCall:
+    """What one forward pass tells the attention wrapper, passed down as a keyword argument (`CALL_KWARG`).
+
+    transformers hands extra keyword arguments of a model's forward to every attention function of that call, in the
+    recomputation of activation checkpointing too, so nothing about a pass is stored on a module: concurrent passes,
+    interleaved passes and their recomputations each see their own.
+
+    Args:
+        rows (`tuple[str, ...]`, *optional*): One adapter name per batch row (``"__base__"`` for none), for a batch
+            that mixes adapters.
+        cache (*optional*): The KV cache of the pass, which may hold a seeded prefix.
+        disabled (`bool`): Attend no prefix (text initialisation runs the base model this way).
+        capture (`dict`, *optional*): Filled with ``(site, layer index) -> (keys, values)`` of every attention call.
+    """
+
+    rows: Optional[tuple[str, ...]] = None
+    cache: Any = None
+    disabled: bool = False
+    capture: Optional[dict] = None
+
+
+_PLAIN_CALL = PrefixCall()
 
 
 @dataclass
@@ -108,57 +137,6 @@ def _extend_mask(
     return torch.cat([allowed, mask], dim=-1)
 
 
-#: Keyword arguments the decode path below understands; anything else (soft-capping, attention sinks, ...) goes
-#: through the model's own attention function.
-_DECODE_KWARGS = {"dropout", "scaling", "position_ids", "use_cache", "cache_position", "is_causal", "position_bias"}
-
-
-def _decode_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    prefix_keys: torch.Tensor,
-    prefix_values: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    scaling: Optional[float] = None,
-    position_bias: Optional[torch.Tensor] = None,
-    **_: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one new token over the prefix and the KV cache, without concatenating them.
-
-    Putting the prefix in front of the whole cache at every decoding step copies all cached keys and values once more
-    per layer and step. Here the prefix and the cache are attended in two products whose scores share one softmax:
-    the same function, with float rounding in another order (cached generation equals full recomputation in the
-    tests). Grouped-query attention is handled by folding the query heads of a group together.
-
-    Args:
-        query (`torch.Tensor`): ``(batch, heads, 1, head_dim)``.
-        key, value (`torch.Tensor`): The cache, ``(batch, kv_heads, length, head_dim)``.
-        prefix_keys, prefix_values (`torch.Tensor`): ``(kv_heads, prefix_length, head_dim)``, or with a leading
-            batch dimension when the rows of a batch use different adapters.
-        attention_mask (`torch.Tensor`, *optional*): Boolean or additive, already extended over the prefix.
-        scaling (`float`, *optional*): Score scale, ``head_dim ** -0.5`` by default.
-        position_bias (`torch.Tensor`, *optional*): T5's additive bias over the cache.
-    """
-    batch, heads, q_len, head_dim = query.shape
-    kv_heads, length = key.shape[1], prefix_keys.shape[-2]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads * q_len, head_dim)
-    scale = head_dim**-0.5 if scaling is None else scaling
-    scores = torch.cat([grouped @ prefix_keys.transpose(-1, -2), grouped @ key.transpose(-1, -2)], dim=-1)
-    scores = (scores * scale).view(batch, heads, q_len, -1)
-    if position_bias is not None:
-        scores = scores + nn.functional.pad(position_bias, (length, 0))
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask[..., : scores.shape[-1]]
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    grouped_probs = probs.view(batch, kv_heads, -1, probs.shape[-1])
-    output = grouped_probs[..., :length] @ prefix_values + grouped_probs[..., length:] @ value
-    return output.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous(), probs
-
-
 def _square_causal_attention(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, length: int, **kwargs: Any
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -175,6 +153,13 @@ def _square_causal_attention(
     return output[:, length:], weights
 
 
+FOREIGN_CACHE_MESSAGE = (
+    "This KV cache was filled by another PrefixPlus model: the prefix in front of its keys is that model's. A cache "
+    "can only be continued by the model that started it; start a new cache for this model (call `generate` or the "
+    "model without `cache`)."
+)
+
+
 def _make_prefix_attention(implementation: str) -> Callable:
     def prefix_attention(
         module: nn.Module,
@@ -184,32 +169,38 @@ def _make_prefix_attention(implementation: str) -> Callable:
         attention_mask: Optional[torch.Tensor],
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        call: PrefixCall = kwargs.pop(CALL_KWARG, None) or _PLAIN_CALL
+        base = _base_function(module, implementation)
         route = getattr(module, _ROUTE_ATTR, None)
         if route is None:
-            return _base_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+            return base(module, query, key, value, attention_mask, **kwargs)
         layer, site, index = route
-        if layer.capture is not None:  # text initialisation records the states
-            layer.capture[(site, index)] = (key, value)
+        if call.capture is not None:  # text initialisation records the base model's states
+            call.capture[(site, index)] = (key, value)
+        rows = call.rows
         # During generation the prefix may already be at the front of the cached keys (see `kv_cache`)
-        inside = 0
-        seeded = layer.seeded.get((site, index)) if layer.seeded else None
+        inside, columns = 0, None
+        seeded = cache_layer(call.cache, site, getattr(module, "layer_idx", None)) if call.cache is not None else None
         # the module read this call's keys from that cache layer (compared by length: an offloading cache hands out a
         # copy on the device)
-        if seeded is not None and seeded.keys is not None and key.shape[2] == seeded.keys.shape[-2]:
-            if seeded.version == layer.versions.get(site):  # the prefix computed for this pass
-                if query.shape[2] == 1 and attention_mask is None and layer.row_adapters is None:
-                    # a decoding step with nothing to mask: exactly the base model's call
-                    return _base_function(module, implementation)(module, query, key, value, None, **kwargs)
+        if isinstance(seeded, PrefixedCacheLayer) and seeded.keys is not None and key.shape[2] == seeded.keys.shape[2]:
+            if seeded.owner is not layer.cache_owner:
+                raise ValueError(FOREIGN_CACHE_MESSAGE)
+            if not call.disabled and seeded.state == layer.prefix_state(rows):
                 inside = seeded.prefix_length
-            else:  # the adapters changed since the cache was seeded: attend the real keys only
+                if rows is not None:
+                    columns = layer.row_columns(site, index, rows, device=key.device)
+                elif query.shape[2] == 1 and attention_mask is None:
+                    # a decoding step with nothing to mask: exactly the base model's call
+                    return base(module, query, key, value, None, **kwargs)
+            else:  # the adapters changed since the cache was seeded: attend the real keys, then the current prefix
                 key, value = key[:, :, seeded.prefix_length :], value[:, :, seeded.prefix_length :]
-        prefix = layer.prefix_for(site, index)
-        if prefix is None:
-            if inside:  # (not expected: a seeded prefix is current only while the pass has one)
-                key, value = key[:, :, inside:], value[:, :, inside:]
-            return _base_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
-        prefix_keys, prefix_values, columns = prefix  # columns: per-row prefix columns of a mixed batch, else None
-        length = prefix_keys.shape[-2]
+        if not inside:
+            prefix = None if call.disabled else layer.prefix_for(site, index, rows)
+            if prefix is None:
+                return base(module, query, key, value, attention_mask, **kwargs)
+            prefix_keys, prefix_values, columns = prefix  # columns: per-row prefix columns of a mixed batch, else None
+        length = inside or prefix_keys.shape[-2]
         real_length = key.shape[2] - inside
         # the default transformers' sdpa function uses when the call does not say
         causal = kwargs.get("is_causal")
@@ -218,7 +209,7 @@ def _make_prefix_attention(implementation: str) -> Callable:
             # transformers passes no mask with more keys than queries only when sdpa's top-left `is_causal` is exact:
             # prefill into an empty pre-allocated (static) cache, whose slots past the last query are empty. A mask
             # aligned to the bottom right would attend to them; drop them, as transformers' sdpa function does.
-            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+            key, value = key[:, :, : inside + query.shape[2]], value[:, :, : inside + query.shape[2]]
             real_length = query.shape[2]
             if kwargs.get("position_bias") is not None:
                 kwargs["position_bias"] = kwargs["position_bias"][..., : query.shape[2]]
@@ -234,33 +225,20 @@ def _make_prefix_attention(implementation: str) -> Callable:
             and 1 < query.shape[2] == real_length
             and SQUARE_CAUSAL
         )
-        if not square:  # every layer of a forward pass gets the same mask: extend it once
-            geometry = (length, query.shape[2], real_length, causal, implementation, id(columns))
-            found, extended = layer.memo(attention_mask, geometry)
-            if not found:
-                extended = _extend_mask(
-                    attention_mask,
-                    length,
-                    query,
-                    real_length,
-                    causal,
-                    boolean=implementation == "sdpa",
-                    columns=columns,
-                )
-                layer.remember(attention_mask, geometry, extended)
-        if not inside:  # put the prefix in front of the keys (or, decoding, attend it beside them)
+        if not inside:  # put the prefix in front of the keys
+            batch = key.shape[0]
             prefix_keys = prefix_keys.to(device=key.device, dtype=key.dtype)
             prefix_values = prefix_values.to(device=value.device, dtype=value.dtype)
-            if query.shape[2] == 1 and not module.training and kwargs.keys() <= _DECODE_KWARGS:
-                return _decode_attention(query, key, value, prefix_keys, prefix_values, extended, **kwargs)
-            batch = key.shape[0]
             key = torch.cat([prefix_keys.expand(batch, *prefix_keys.shape[-3:]), key], dim=2)
             value = torch.cat([prefix_values.expand(batch, *prefix_values.shape[-3:]), value], dim=2)
         if position_bias is not None:
             kwargs["position_bias"] = nn.functional.pad(position_bias, (length, 0))
         if square:
             return _square_causal_attention(module, query, key, value, length, **kwargs)
-        return _base_function(module, implementation)(module, query, key, value, extended, **kwargs)
+        extended = _extend_mask(
+            attention_mask, length, query, real_length, causal, boolean=implementation == "sdpa", columns=columns
+        )
+        return base(module, query, key, value, extended, **kwargs)
 
     prefix_attention.__name__ = f"prefix_plus_{implementation}_attention"
     return prefix_attention
@@ -400,6 +378,11 @@ def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
     return sites
 
 
+def has_route(module: nn.Module) -> bool:
+    """Whether ``module`` is an attention module routed to a PrefixPlus layer."""
+    return hasattr(module, _ROUTE_ATTR)
+
+
 def set_route(module: nn.Module, route: Optional[tuple[Any, str, int]]) -> None:
     """Point an attention module at the PrefixPlus layer, site and layer index it takes its prefix from."""
     if route is None:
@@ -407,3 +390,8 @@ def set_route(module: nn.Module, route: Optional[tuple[Any, str, int]]) -> None:
             delattr(module, _ROUTE_ATTR)
     else:
         object.__setattr__(module, _ROUTE_ATTR, route)
+
+
+# Registered when the package is imported, not when a model is created: a pickled model keeps
+# `config._attn_implementation = "prefix_plus_..."`, and a fresh process or a spawn worker must find it.
+register_attention_functions()

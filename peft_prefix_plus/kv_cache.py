@@ -9,7 +9,11 @@ does without a cache.
 
 Only transformers' plain `DynamicLayer` is seeded (the default cache of `generate`). Static and sliding-window
 caches, and attention modules whose own code reads the cached keys' shape (T5's relative position bias), keep the
-prefix out of the cache and attend it separately.
+prefix out of the cache: the attention wrapper puts it in front of the cached keys at every step.
+
+The seeded layer is the only state that outlives a forward pass, and it belongs to the cache of one `generate` call.
+It records whose prefix it holds (the PrefixPlus layer object itself, not a counter another model could match) and
+for which adapter state, so another model's cache is refused and a changed adapter state attends its own prefix.
 """
 
 from __future__ import annotations
@@ -23,6 +27,24 @@ from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
 SEEDED_ATTR = "_prefix_plus_seeded"
 
 
+class CacheOwner:
+    """Identifies the PrefixPlus layer whose prefixes a KV cache holds.
+
+    A distinct object per PrefixPlus layer: a cache seeded by one model is recognised as foreign by any other. It is
+    shared, not copied, by `copy.deepcopy`, so a deep copy of a cache (prompt-cache reuse) still belongs to its model.
+    """
+
+    def __init__(self) -> None:
+        #: set by `unload()`: the bare base model must not read a cache seeded with a prefix
+        self.unloaded = False
+
+    def __deepcopy__(self, memo: dict) -> CacheOwner:
+        return self
+
+    def __repr__(self) -> str:
+        return f"CacheOwner(0x{id(self):x}{', unloaded' if self.unloaded else ''})"
+
+
 class PrefixedCacheLayer(DynamicLayer):
     """A `DynamicLayer` whose stored keys and values start with a prefix that its lengths leave out.
 
@@ -33,29 +55,44 @@ class PrefixedCacheLayer(DynamicLayer):
     Args:
         prefix_keys, prefix_values (`torch.Tensor`): ``(num_key_value_heads, length, head_dim)``, or with a leading
             batch dimension when the rows of a batch use different adapters.
-        version (`int`): The PrefixPlus layer's prefix version when seeded; the attention wrapper uses the seeded
-            prefix only while the version is current (the adapters did not change since).
+        owner ([`CacheOwner`], *optional*): Whose prefix this is. The attention wrapper of any other
+            model refuses the cache, and once the owner is unloaded the cache refuses further tokens.
+        state (`tuple`, *optional*): The owner's adapter state when seeded (`PrefixPlusLayer.prefix_state`); the
+            seeded prefix is attended only while it is unchanged.
 
     Example:
 
     ```py
-    >>> layer = PrefixedCacheLayer(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), version=0)
+    >>> layer = PrefixedCacheLayer(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))
     >>> keys, _ = layer.update(torch.ones(1, 2, 3, 8), torch.ones(1, 2, 3, 8))
     >>> keys.shape[-2], layer.get_seq_length()
     (7, 3)
     ```
     """
 
-    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, version: int) -> None:
+    def __init__(
+        self,
+        prefix_keys: torch.Tensor,
+        prefix_values: torch.Tensor,
+        owner: Optional[CacheOwner] = None,
+        state: tuple = (),
+    ) -> None:
         super().__init__()
         self.prefix = (prefix_keys, prefix_values)
         self.prefix_length = prefix_keys.shape[-2]
-        self.version = version
+        self.owner = owner
+        self.state = state
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new states, writing the prefix in front of the first ones."""
+        if getattr(self.owner, "unloaded", False):
+            raise ValueError(
+                "This KV cache holds a PrefixPlus prefix in front of its keys, but the model that seeded it was "
+                "unloaded (`unload()`): the base model would read the prefix as real tokens. Start a new cache "
+                "(call `generate` or the model without `cache`)."
+            )
         if not self.is_initialized:
             self.device, self.is_initialized = key_states.device, True
             self.keys = torch.cat([self._expanded(self.prefix[0], key_states), key_states], dim=-2)
@@ -79,30 +116,37 @@ class PrefixedCacheLayer(DynamicLayer):
         super().crop(-min(abs(tokens_to_remove), self.get_seq_length()) if tokens_to_remove < 0 else tokens_to_remove)
 
 
-def _site_cache(cache: Any, site: str) -> Any:
+def site_cache(cache: Any, site: str) -> Any:
     """The cache that holds ``site``'s keys: the self- or cross-attention part of an `EncoderDecoderCache`."""
     if isinstance(cache, EncoderDecoderCache):
         return cache.cross_attention_cache if site == "cross" else cache.self_attention_cache
     return None if site == "cross" else cache
 
 
+def cache_layer(cache: Any, site: str, index: Optional[int]) -> Any:
+    """Layer ``index`` of the part of ``cache`` that holds ``site``'s keys, or `None`."""
+    layers = getattr(site_cache(cache, site), "layers", None)
+    if layers is None or not isinstance(index, int) or not 0 <= index < len(layers):
+        return None
+    return layers[index]
+
+
 def seed_prefix_cache(
-    cache: Any, targets: list[tuple[str, int, int, tuple[torch.Tensor, torch.Tensor]]], versions: dict[str, int]
-) -> dict[tuple[str, int], PrefixedCacheLayer]:
+    cache: Any, targets: list[tuple[str, int, tuple[torch.Tensor, torch.Tensor]]], **seed: Any
+) -> int:
     """Put prefixes into the empty layers of ``cache``, so that they are written in front of the prompt's states.
 
     Args:
         cache: The cache `generate` (or the caller) passes to the model, before its first forward pass.
-        targets (`list`): ``(site, layer index in the site, cache layer index, (keys, values))`` per attention module.
-        versions (`dict[str, int]`): The prefix version of each site (see [`PrefixedCacheLayer`]).
+        targets (`list`): ``(site, cache layer index, (keys, values))`` per attention module.
+        **seed: ``owner`` and ``state``, as [`PrefixedCacheLayer`] takes them.
 
     Returns:
-        `dict`: The seeded layers, keyed ``(site, layer index)``; also stored on the cache. Layers that are not an
-        empty plain `DynamicLayer` are left alone.
+        `int`: How many layers were seeded. Layers that are not an empty plain `DynamicLayer` are left alone.
     """
-    seeded: dict[tuple[str, int], PrefixedCacheLayer] = {}
-    for site, index, cache_index, (keys, values) in targets:
-        part = _site_cache(cache, site)
+    seeded = 0
+    for site, cache_index, (keys, values) in targets:
+        part = site_cache(cache, site)
         layers = getattr(part, "layers", None)
         if layers is None:
             continue
@@ -113,11 +157,6 @@ def seed_prefix_cache(
         current = layers[cache_index]
         if type(current) is not DynamicLayer or current.is_initialized:
             continue
-        layers[cache_index] = seeded[(site, index)] = PrefixedCacheLayer(keys, values, versions.get(site, 0))
-    setattr(cache, SEEDED_ATTR, seeded)
+        layers[cache_index] = PrefixedCacheLayer(keys, values, **seed)
+        seeded += 1
     return seeded
-
-
-def seeded_layers(cache: Any) -> Optional[dict[tuple[str, int], PrefixedCacheLayer]]:
-    """The seeded layers of ``cache``, or `None` if it was never seeded."""
-    return getattr(cache, SEEDED_ATTR, None)

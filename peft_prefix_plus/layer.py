@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -11,7 +12,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .config import PrefixPlusConfig
-from .kv_cache import PrefixedCacheLayer
+from .kv_cache import CacheOwner
 
 MERGE_INTO_WEIGHTS_MESSAGE = (
     "PrefixPlus prefixes cannot be merged into the base model's weights: a prefix adds key/value columns to every "
@@ -153,11 +154,38 @@ class PrefixSiteEncoder(nn.Module):
         return hasattr(self, "mlp")
 
     def project(self) -> torch.Tensor:
-        """Run the MLP (or return the raw prefix), without dropout."""
+        """Every layer's prefix at once, in the site layout, without dropout (for merging and inspection)."""
         if not self.is_projected:
             return self.prefix
         out = site_layout(self.mlp(self.embedding.weight), self.shape)
         return out + self.prefix_init if hasattr(self, "prefix_init") else out
+
+    def layer_prefix(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of one layer, each ``(num_key_value_heads, num_virtual_tokens, head_dim)``.
+
+        A pure function of the parameters, computed where the attention call needs it: a raw prefix is indexed; an
+        MLP runs its trunk on the embedding (``num_virtual_tokens`` rows, cheap) and then only this layer's rows of
+        its last linear layer, whose output columns are laid out layer by layer.
+
+        Args:
+            slot (`int`): The layer's position among this site's transformed layers.
+        """
+        _, _, heads, length, head_dim = self.shape
+        if not self.is_projected:
+            pair = self.prefix[slot]
+        else:
+            *trunk, last = self.mlp
+            hidden = self.embedding.weight
+            for module in trunk:
+                hidden = module(hidden)
+            width = 2 * heads * head_dim
+            rows = slice(slot * width, (slot + 1) * width)
+            out = nn.functional.linear(hidden, last.weight[rows], last.bias[rows])
+            pair = out.view(length, 2, heads, head_dim).permute(1, 2, 0, 3)
+            if hasattr(self, "prefix_init"):
+                pair = pair + self.prefix_init[slot]
+        pair = self.dropout(pair)
+        return pair[0], pair[1]
 
     @torch.no_grad()
     def set_initial_prefix(self, prefix: torch.Tensor) -> None:
@@ -170,8 +198,15 @@ class PrefixSiteEncoder(nn.Module):
         target = self.prefix_init if self.is_projected else self.prefix
         target.copy_(prefix.to(device=target.device, dtype=target.dtype))
 
-    def forward(self) -> torch.Tensor:
-        return self.dropout(self.project())
+    def forward(self, slot: Optional[int] = None) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The whole site's prefix (``slot=None``), or one layer's keys and values (see `layer_prefix`).
+
+        Attention calls go through here rather than calling `layer_prefix` directly, so that module wrappers that
+        act around `forward` (FSDP2's `fully_shard` gathering sharded parameters, offloading hooks) see every use.
+        """
+        if slot is None:
+            return self.dropout(self.project())
+        return self.layer_prefix(slot)
 
 
 class PrefixPlusLayer(nn.Module, BaseTunerLayer):
@@ -189,26 +224,19 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self.merged_adapters = []
-        # site -> [(layer index -> slot, per slot the (keys, values) of one adapter)], valid for the current pass
-        self._prefixes: dict[str, list[tuple[dict[int, int], list[tuple[torch.Tensor, ...]]]]] = {}
-        # site -> layer index -> (keys, values, columns) for a batch that mixes adapters, valid for the current pass
-        self._row_prefixes: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        # (site, layer index) -> (keys, values) while text initialisation runs the base model
-        self.capture: Optional[dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]] = None
-        # one adapter name per input row while a call with `adapter_names` runs (see PrefixPlusModel)
-        self.row_adapters: Optional[list[str]] = None
-        # set by PrefixPlusModel when the model uses activation checkpointing
-        self.checkpointing = False
-        # (id of the input mask, geometry) -> (input mask, extended mask) in the current forward pass, for all layers
-        self._masks: dict[tuple, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
         # device of the attention layers of each site, where its prefix encoders live
         self.site_devices: dict[str, torch.device] = {}
-        # site -> how many times its prefixes were computed; a prefix seeded into a KV cache is used while it is current
-        self.versions: dict[str, int] = {}
-        # how many times every prefix was dropped (`clear()`), which a decoding step's reuse of prefixes checks
-        self.clears = 0
-        # (site, layer index) -> the KV cache layer holding that layer's prefix in front of its keys, during a pass
-        self.seeded: dict[tuple[str, int], PrefixedCacheLayer] = {}
+        # recorded in every KV cache seeded with this layer's prefixes (see `kv_cache`)
+        self.cache_owner = CacheOwner()
+
+    def __deepcopy__(self, memo: dict) -> PrefixPlusLayer:
+        """A deep copy is another model: it gets its own `CacheOwner` (which itself is shared by copies of a cache)."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            copied.__dict__[key] = copy.deepcopy(value, memo)
+        copied.cache_owner = CacheOwner()
+        return copied
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise NotImplementedError(MERGE_INTO_WEIGHTS_MESSAGE)
@@ -287,75 +315,6 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
             if target is not None and not any(p.is_meta for p in encoder.parameters()):
                 encoder.to(target)
 
-    def refresh(self, sites: tuple[str, ...], rows: Optional[list[str]] = None) -> None:
-        """Compute the prefixes of ``sites`` for the coming forward pass: once per site and adapter, all layers at once.
-
-        Args:
-            sites (`tuple[str, ...]`): The sites to compute.
-            rows (`list[str]`, *optional*): One adapter name per batch row (``"__base__"`` for none), for a batch that
-                mixes adapters; `None` gives every row the active adapters' prefixes.
-        """
-        for site in sites:
-            self._prefixes.pop(site, None)
-            self._row_prefixes.pop(site, None)
-            self.versions[site] = self.versions.get(site, 0) + 1
-        if self.disable_adapters:
-            return
-        if rows is not None:
-            for site in sites:
-                self._refresh_rows(site, rows)
-            return
-        for site in sites:
-            # Split into per-layer keys and values once, with `unbind`: its backward gathers the gradients of all
-            # layers into one tensor, where indexing per layer would allocate a zero-filled gradient of the whole
-            # prefix for every layer.
-            entries = [
-                (encoder.slots, [pair.unbind(0) for pair in self._produce(encoder).unbind(0)])
-                for encoder in self._active_encoders(site)
-            ]
-            if entries:
-                self._prefixes[site] = entries
-
-    def _refresh_rows(self, site: str, rows: list[str]) -> None:
-        """Per layer, batched prefixes in which each row holds its own adapter's prefix, padded to the longest with
-        columns that no query attends to."""
-        encoders = {
-            name: self.prefix_plus_sites[name][site]
-            for name in dict.fromkeys(rows)
-            if name in self.prefix_plus_sites and site in self.prefix_plus_sites[name]
-        }
-        if not encoders:
-            return
-        produced = {name: [pair.unbind(0) for pair in encoder().unbind(0)] for name, encoder in encoders.items()}
-        sample = next(iter(produced.values()))[0][0]
-        kv_heads, head_dim = sample.shape[0], sample.shape[2]
-        width = max(encoder.shape[3] for encoder in encoders.values())
-        batch_rows = {name: [i for i, row in enumerate(rows) if row == name] for name in encoders}
-        per_layer: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for name, encoder in encoders.items():
-            for layer, slot in encoder.slots.items():
-                if layer not in per_layer:
-                    keys = sample.new_zeros((len(rows), kv_heads, width, head_dim))
-                    columns = torch.zeros((len(rows), width), dtype=torch.bool, device=sample.device)
-                    per_layer[layer] = (keys, torch.zeros_like(keys), columns)
-                keys, values, columns = per_layer[layer]
-                length, index = encoder.shape[3], batch_rows[name]
-                keys[index, :, :length] = produced[name][slot][0]
-                values[index, :, :length] = produced[name][slot][1]
-                columns[index, :length] = True
-        self._row_prefixes[site] = per_layer
-
-    def _produce(self, encoder: PrefixSiteEncoder) -> torch.Tensor:
-        prefix = encoder()
-        if not (self.checkpointing and prefix.requires_grad and prefix.grad_fn is not None):
-            return prefix
-        # Under reentrant activation checkpointing every layer runs its own backward pass, and a shared MLP graph
-        # would be walked (and freed) by the first of them. The layers therefore read a detached copy, and each
-        # gradient arriving at it is sent on through the MLP graph, which is kept until the next forward pass.
-        detached = prefix.detach().requires_grad_(True)
-        detached.register_hook(lambda grad: prefix.backward(grad, retain_graph=True))
-        return detached
-
     def _active_encoders(self, site: str) -> list[PrefixSiteEncoder]:
         return [
             self.prefix_plus_sites[name][site]
@@ -363,27 +322,80 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
             if name in self.prefix_plus_sites and site in self.prefix_plus_sites[name]
         ]
 
-    def prefix_for(self, site: str, layer: int) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-        """The ``(keys, values, columns)`` prefix of layer ``layer`` of ``site`` for this forward pass, or ``None``.
+    def _row_encoders(self, site: str, rows: tuple[str, ...]) -> dict[str, PrefixSiteEncoder]:
+        return {
+            name: self.prefix_plus_sites[name][site]
+            for name in dict.fromkeys(rows)
+            if name in self.prefix_plus_sites and site in self.prefix_plus_sites[name]
+        }
+
+    def prefix_state(self, rows: Optional[tuple[str, ...]] = None) -> tuple:
+        """What decides which prefix a call attends: the active adapters, whether they are disabled, and the adapter
+        of each row of a mixed batch. A prefix seeded into a KV cache is used while this is unchanged."""
+        return tuple(self.active_adapters), self.disable_adapters, rows
+
+    def prefix_for(
+        self, site: str, layer: int, rows: Optional[tuple[str, ...]] = None
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """The ``(keys, values, columns)`` prefix of layer ``layer`` of ``site``, or ``None``: computed from the
+        adapters' parameters at each call.
 
         Keys and values have shape ``(num_key_value_heads, prefix_length, head_dim)``, shared by every row; several
         active adapters contribute their prefixes one after the other, and ``columns`` is `None`. In a batch that
-        mixes adapters (``adapter_names``) they have shape ``(batch, num_key_value_heads, prefix_length, head_dim)``
-        and ``columns``, ``(batch, prefix_length)``, says which prefix columns of each row may be attended to.
+        mixes adapters (``rows``: one adapter name per row, ``"__base__"`` for none) they have shape
+        ``(batch, num_key_value_heads, prefix_length, head_dim)``, padded to the longest adapter, and ``columns``,
+        ``(batch, prefix_length)``, says which prefix columns of each row may be attended to.
+
+        Args:
+            site (`str`): ``"self"``, ``"encoder"`` or ``"cross"``.
+            layer (`int`): The layer's index within the site.
+            rows (`tuple[str, ...]`, *optional*): One adapter name per batch row, for a batch that mixes adapters.
         """
-        if site in self._row_prefixes:
-            return self._row_prefixes[site].get(layer)
-        keys, values = [], []
-        for slots, pairs in self._prefixes.get(site, ()):
-            slot = slots.get(layer)
-            if slot is not None:
-                keys.append(pairs[slot][0])
-                values.append(pairs[slot][1])
-        if not keys:
+        if self.disable_adapters:
             return None
-        if len(keys) == 1:
-            return keys[0], values[0], None
-        return torch.cat(keys, dim=1), torch.cat(values, dim=1), None
+        if rows is not None:
+            return self._row_prefix(site, layer, rows)
+        pairs = [encoder(encoder.slots[layer]) for encoder in self._active_encoders(site) if layer in encoder.slots]
+        if not pairs:
+            return None
+        if len(pairs) == 1:
+            return pairs[0][0], pairs[0][1], None
+        return torch.cat([keys for keys, _ in pairs], dim=1), torch.cat([values for _, values in pairs], dim=1), None
+
+    def _row_prefix(
+        self, site: str, layer: int, rows: tuple[str, ...]
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One layer's batched prefix in which each row holds its own adapter's prefix, padded to the longest with
+        columns that no query attends to."""
+        encoders = {
+            name: encoder for name, encoder in self._row_encoders(site, rows).items() if layer in encoder.slots
+        }
+        if not encoders:
+            return None
+        produced = {name: encoder(encoder.slots[layer]) for name, encoder in encoders.items()}
+        sample = next(iter(produced.values()))[0]
+        width = max(encoder.shape[3] for encoder in encoders.values())
+        keys = sample.new_zeros((len(rows), sample.shape[0], width, sample.shape[2]))
+        values = torch.zeros_like(keys)
+        for name, (name_keys, name_values) in produced.items():
+            index = [i for i, row in enumerate(rows) if row == name]
+            length = name_keys.shape[1]
+            keys[index, :, :length] = name_keys
+            values[index, :, :length] = name_values
+        return keys, values, self.row_columns(site, layer, rows, device=sample.device)
+
+    def row_columns(
+        self, site: str, layer: int, rows: tuple[str, ...], device: Optional[torch.device] = None
+    ) -> Optional[torch.Tensor]:
+        """``(batch, prefix_length)``: which prefix columns each row of a mixed batch attends to at ``layer``."""
+        encoders = {
+            name: encoder for name, encoder in self._row_encoders(site, rows).items() if layer in encoder.slots
+        }
+        if not encoders:
+            return None
+        width = max(encoder.shape[3] for encoder in encoders.values())
+        lengths = torch.tensor([encoders[row].shape[3] if row in encoders else 0 for row in rows], device=device)
+        return torch.arange(width, device=device)[None, :] < lengths[:, None]
 
     def active_length(self, site: str) -> int:
         """Total prefix length of the active adapters at ``site`` (0 when disabled)."""
@@ -395,39 +407,3 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         """Prefix length of one adapter at ``site`` (0 for ``"__base__"`` or an adapter without that site)."""
         sites = self.prefix_plus_sites[adapter_name] if adapter_name in self.prefix_plus_sites else {}  # noqa: SIM401
         return sites[site].shape[3] if site in sites else 0
-
-    def clear(self, sites: Optional[tuple[str, ...]] = None) -> None:
-        """Drop the prefixes of the last forward pass (and the autograd graph they hold) and the extended masks.
-
-        Args:
-            sites (`tuple[str, ...]`, *optional*): Drop only these sites' prefixes; `None` drops all.
-        """
-        for site in list(self._prefixes) + list(self._row_prefixes) if sites is None else sites:
-            self._prefixes.pop(site, None)
-            self._row_prefixes.pop(site, None)
-        self._masks.clear()
-        if sites is None:  # e.g. `merge_mlp()`: prefixes kept across decoding steps must be computed again
-            self.clears += 1
-
-    def release_seeded(self, sites: tuple[str, ...]) -> None:
-        """Forget the seeded KV cache layers of ``sites`` (the cache is the caller's to keep or drop)."""
-        if self.seeded:
-            self.seeded = {key: found for key, found in self.seeded.items() if key[0] not in sites}
-
-    def begin_pass(self) -> None:
-        """Forget the extended attention masks of the previous forward pass."""
-        self._masks.clear()
-
-    def memo(self, mask: Optional[torch.Tensor], geometry: tuple) -> tuple[bool, Optional[torch.Tensor]]:
-        """Whether an extended ``mask`` for ``geometry`` was remembered in this forward pass, and that mask.
-
-        The input mask is compared by identity: every layer of a pass receives the same mask object.
-        """
-        entry = self._masks.get((id(mask), geometry))
-        if entry is not None and entry[0] is mask:
-            return True, entry[1]
-        return False, None
-
-    def remember(self, mask: Optional[torch.Tensor], geometry: tuple, extended: Optional[torch.Tensor]) -> None:
-        """Remember the extended ``mask`` for the rest of this forward pass."""
-        self._masks[(id(mask), geometry)] = (mask, extended)

@@ -192,5 +192,4 @@ def merge_mlp(tuner: PrefixPlusModel, adapter_names: Optional[Union[str, Iterabl
         mark_config_merged(config)
         tuner.peft_config[name] = config
         merged.append(name)
-    layer.clear()
     return merged

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -14,36 +12,32 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _delete_auxiliary_adapter
 from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
+from transformers.cache_utils import Cache
 
 from .attention import (
+    CALL_KWARG,
+    FOREIGN_CACHE_MESSAGE,
+    UNWRAPPED_IMPLEMENTATIONS,
     WRAPPED_IMPLEMENTATIONS,
     AttentionSite,
+    PrefixCall,
     discover_attention_sites,
+    has_route,
     model_configs,
-    register_attention_functions,
     set_route,
     unwrap_attention_implementations,
     wrap_attention_implementation,
 )
 from .config import PrefixPlusConfig
 from .geometry import layer_indices
-from .kv_cache import seed_prefix_cache, seeded_layers
+from .kv_cache import PrefixedCacheLayer, cache_layer, seed_prefix_cache
 from .layer import MERGE_INTO_WEIGHTS_MESSAGE, PrefixPlusLayer
 from .merge import merge_mlp
 from .text_init import initialise_from_text
 
 LAYER_ATTR = "prefix_plus_layer"
-
-
-@dataclass
-class _StackState:
-    """What the hooks of one attention stack (a decoder, an encoder) know between passes."""
-
-    sites: tuple[str, ...]
-    offsets_positions: bool
-    # during cached decoding: the cache whose steps reuse the prefixes, and the adapter state they were computed for
-    owner: Optional[weakref.ref] = None
-    active: Optional[tuple] = None
+#: Keyword argument by which a temporary hook hands per-call options (`PrefixCall` fields) to the stack hook.
+OPTIONS_KWARG = "prefix_plus_options"
 
 
 def _attention_stacks(model: nn.Module, sites: dict[str, AttentionSite]) -> list[tuple[nn.Module, tuple[str, ...]]]:
@@ -77,8 +71,10 @@ class PrefixPlusModel(BaseTuner):
     """Prefix tuning at the attention level, with distinct encoder, decoder and cross-attention prefixes.
 
     Created by `peft.get_peft_model` from a [`PrefixPlusConfig`]; not instantiated directly. The model's attention
-    implementation is switched to a PrefixPlus wrapper of the same kind (eager or sdpa), and a forward pre-hook
-    computes every site's prefixes once per forward pass. `unload()` restores the model exactly.
+    implementation is switched to a PrefixPlus wrapper of the same kind (eager or sdpa). Each attention call
+    computes its layer's prefix from the adapter's parameters; a forward pre-hook on each attention stack only hands
+    the pass's options (mixed-batch rows, the KV cache) down as a keyword argument. `unload()` restores the model
+    exactly.
 
     Args:
         model ([`~transformers.PreTrainedModel`]): The model to adapt.
@@ -129,7 +125,7 @@ class PrefixPlusModel(BaseTuner):
         layer.update_layer(adapter_name, config, lengths, site_layers)
         # as PEFT's prompt tuning does, skip the text pass when loading for inference: the saved prefixes replace it
         if config.init_weights == "text" and not (config.inference_mode or low_cpu_mem_usage or config.merged_from):
-            initialise_from_text(model, layer, adapter_name, config)
+            initialise_from_text(model, self.call_options, layer, adapter_name, config)
         super().inject_adapter(
             model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
         )
@@ -144,13 +140,16 @@ class PrefixPlusModel(BaseTuner):
         """Find the attention sites of ``model`` (once per model) without changing the model."""
         if getattr(self, "_sites", None) is not None:
             return self._sites
-        register_attention_functions()
         config = getattr(model, "config", None)
         if config is None or not hasattr(config, "_attn_implementation"):
             raise ValueError(f"PrefixPlus needs a transformers model (PreTrainedModel), got {type(model).__name__}.")
         self._is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        implementations = {c._attn_implementation for c in model_configs(model)}
-        if hasattr(model, LAYER_ATTR) or implementations & set(WRAPPED_IMPLEMENTATIONS.values()):
+        # a wrapped implementation alone is no sign of adapters: the config object may be shared with another model
+        # that carries them (both then run PrefixPlus's attention, each with its own routes and prefixes)
+        implementations = {
+            UNWRAPPED_IMPLEMENTATIONS.get(c._attn_implementation, c._attn_implementation) for c in model_configs(model)
+        }
+        if hasattr(model, LAYER_ATTR) or any(has_route(module) for module in model.modules()):
             raise ValueError(
                 f"This {type(model).__name__} already carries PrefixPlus adapters: it was passed to `get_peft_model` "
                 "before (its attention is now PrefixPlus's). Add another adapter with "
@@ -192,30 +191,24 @@ class PrefixPlusModel(BaseTuner):
         for config in self._configs:
             wrap_attention_implementation(config)
         self._sites = sites
-        # (layer index in the site, KV cache layer index) of the modules whose prefix can be seeded into the cache:
-        # decoder self- and cross-attention whose own code does not size a position bias from the cached keys
-        self._seed_targets = {
-            site: [
-                (i, m.layer_idx) for i, m in enumerate(found.modules) if isinstance(getattr(m, "layer_idx", None), int)
-            ]
-            for site, found in sites.items()
-            if site in ("self", "cross") and not found.position_bias
-        }
-        # Prefixes are computed where every entry point passes: on each attention stack (the decoder, the encoder),
-        # so calling the backbone or the encoder directly sees them too. Sites of one stack are computed together.
-        self._stacks = []
+        # Each attention call gets this pass's `PrefixCall` as a keyword argument from a pre-hook on its own module
+        # (an attention module hands its keyword arguments to the attention function; its caller may not). Decoder
+        # self- and cross-attention whose own code does not size a position bias from the cached keys seed their
+        # prefix into an empty generation cache at their KV cache layer index.
         self._hooks = []
-        for stack, stack_sites in self._stack_sites:
-            state = _StackState(
-                sites=stack_sites, offsets_positions="self" in stack_sites and not self._is_encoder_decoder
-            )
-            self._stacks.append((stack, state))
-            self._hooks += [
-                stack.register_forward_pre_hook(partial(self._before_stack, state), with_kwargs=True),
-                stack.register_forward_hook(partial(self._after_stack, state)),
-            ]
-        # modules carrying transformers' `gradient_checkpointing` flag, read before every forward pass
-        self._checkpointing_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        for site, found in sites.items():
+            seeds = site in ("self", "cross") and not found.position_bias
+            for index, module in enumerate(found.modules):
+                cache_index = getattr(module, "layer_idx", None)
+                cache_index = cache_index if seeds and isinstance(cache_index, int) else None
+                hook = partial(self._before_attention, site, index, cache_index)
+                self._hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        # Every entry point passes through each attention stack (the decoder, the encoder): its hook re-checks the
+        # attention implementation and shifts position ids. It keeps nothing; it only rewrites the call's arguments.
+        self._hooks += [
+            stack.register_forward_pre_hook(partial(self._before_stack, stack_sites), with_kwargs=True)
+            for stack, stack_sites in self._stack_sites
+        ]
 
     def _check_config(
         self, config: PrefixPlusConfig, sites: dict[str, AttentionSite], lengths: dict[str, int]
@@ -297,77 +290,77 @@ class PrefixPlusModel(BaseTuner):
     def _layer(self) -> PrefixPlusLayer:
         return getattr(self.model, LAYER_ATTR)
 
-    def _before_stack(self, state: _StackState, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Compute the prefixes of the sites of one attention stack for the pass that is starting."""
+    def _before_stack(
+        self, sites: tuple[str, ...], module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        """Before one attention stack runs: keep PrefixPlus's attention, shift the position ids if configured."""
         for config in self._configs:
             wrap_attention_implementation(config)  # a no-op unless the implementation was switched since
         layer = self._layer
-        layer.checkpointing = module.training and any(
-            getattr(m, "gradient_checkpointing", False) is True for m in self._checkpointing_modules
-        )
-        layer.begin_pass()
-        cache = _cache_argument(kwargs)
-        # During cached decoding the parameters cannot change between steps (no gradients are being computed), so
-        # the prefixes of the first step of a `generate` call are reused until its cache object is done with.
-        decoding = cache is not None and not torch.is_grad_enabled()
-        owner = state.owner() if state.owner is not None else None
-        rows = self._rows_of(args, kwargs)
-        active = (
-            tuple(layer.active_adapters),
-            layer.disable_adapters,
-            None if rows is None else tuple(rows),
-            layer.clears,
-        )
-        if not (decoding and owner is cache and active == state.active):
-            layer.refresh(state.sites, rows)
-            state.owner = weakref.ref(cache) if decoding else None
-            state.active = active
-        self._use_seeded_cache(state, cache, decoding)
-        if state.offsets_positions and not layer.disable_adapters:
-            if rows is not None:
-                offsets = [layer.adapter_length(name, "self") if self._offsets(name) else 0 for name in rows]
-                if any(offsets):
-                    kwargs = self._offset_position_ids(args, kwargs, torch.tensor(offsets)[:, None])
-            elif self._uses_position_offset():
-                kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"))
+        options = kwargs.get(OPTIONS_KWARG) or {}
+        kwargs = {key: value for key, value in kwargs.items() if key != OPTIONS_KWARG}
+        if "self" not in sites or self._is_encoder_decoder or layer.disable_adapters or options.get("disabled"):
+            return args, kwargs
+        rows = self._rows_of(args, kwargs, options.get("adapter_names"))
+        if rows is not None:
+            offsets = [layer.adapter_length(name, "self") if self._offsets(name) else 0 for name in rows]
+            if any(offsets):
+                kwargs = self._offset_position_ids(args, kwargs, torch.tensor(offsets)[:, None])
+        elif self._uses_position_offset():
+            kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"))
         return args, kwargs
 
-    def _use_seeded_cache(self, state: _StackState, cache: Any, decoding: bool) -> None:
-        """Tell the attention wrapper which cache layers of this pass hold their prefix; seed an empty cache."""
-        layer = self._layer
-        layer.release_seeded(state.sites)
-        if cache is None:
-            return
-        seeded = seeded_layers(cache)
-        if seeded is None and decoding and self.seeds_kv_cache and cache.get_seq_length() == 0:
-            targets = []
-            for site in state.sites:
-                for index, cache_index in self._seed_targets.get(site, ()):
-                    prefix = layer.prefix_for(site, index)
-                    if prefix is not None:
-                        targets.append((site, index, cache_index, prefix[:2]))
-            seeded = seed_prefix_cache(cache, targets, layer.versions)
-        if seeded:
-            layer.seeded.update((key, found) for key, found in seeded.items() if key[0] in state.sites)
+    def _before_attention(
+        self, site: str, index: int, cache_index: Optional[int], module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        """Hand this call's `PrefixCall` to the attention function; seed an empty generation cache layer."""
+        options = kwargs.get(OPTIONS_KWARG) or {}
+        cache = next((value for value in (*kwargs.values(), *args) if isinstance(value, Cache)), None)
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        rows = self._rows_of((hidden,), {}, options.get("adapter_names"))
+        call = PrefixCall(
+            rows=rows, cache=cache, disabled=options.get("disabled", False), capture=options.get("capture")
+        )
+        if cache_index is not None and cache is not None:
+            found = cache_layer(cache, site, cache_index)
+            # refused before the module writes to the cache, so that the cache stays usable by its own model
+            if isinstance(found, PrefixedCacheLayer) and found.owner is not self._layer.cache_owner:
+                raise ValueError(FOREIGN_CACHE_MESSAGE)
+            if self.seeds_kv_cache and not call.disabled and not torch.is_grad_enabled():
+                self._seed_cache(cache, site, index, cache_index, rows)
+        kwargs = {key: value for key, value in kwargs.items() if key != OPTIONS_KWARG}
+        kwargs[CALL_KWARG] = call
+        return args, kwargs
 
-    def _rows_of(self, args: tuple, kwargs: dict) -> Optional[list[str]]:
+    def _seed_cache(
+        self, cache: Any, site: str, index: int, cache_index: int, rows: Optional[tuple[str, ...]]
+    ) -> None:
+        """Write this layer's prefix into the front of its empty generation cache layer (see `kv_cache`)."""
+        layer = self._layer
+        prefix = layer.prefix_for(site, index, rows)
+        if prefix is not None:
+            seed_prefix_cache(
+                cache, [(site, cache_index, prefix[:2])], owner=layer.cache_owner, state=layer.prefix_state(rows)
+            )
+
+    @staticmethod
+    def _rows_of(args: tuple, kwargs: dict, names: Optional[list[str]]) -> Optional[tuple[str, ...]]:
         """The adapter of each input row while a call with ``adapter_names`` runs, expanded as `generate` expands
         the batch (beams, ``num_return_sequences``: each row repeated in place)."""
-        names = self._layer.row_adapters
         if names is None:
             return None
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
-        if tokens is None:
-            return names
+        if not isinstance(tokens, torch.Tensor):
+            return tuple(names)
         batch = tokens.shape[0]
         if batch % len(names):
             raise ValueError(
                 f"`adapter_names` has {len(names)} entries, but the batch has {batch} rows; pass one adapter name "
                 "per input row."
             )
-        return [name for name in names for _ in range(batch // len(names))]
+        return tuple(name for name in names for _ in range(batch // len(names)))
 
     def _offsets(self, adapter_name: str) -> bool:
         return adapter_name in self.peft_config and self.peft_config[adapter_name].offset_position_ids
@@ -395,8 +388,6 @@ class PrefixPlusModel(BaseTuner):
             )
         if not adapter_names:
             raise ValueError("`adapter_names` is empty; pass one adapter name per input row.")
-        layer = self._layer
-        layer.row_adapters = list(adapter_names)
         # modules_to_save (e.g. a classification head): each row goes through its own adapter's copy, as in LoRA
         handles = [
             module.register_forward_pre_hook(partial(_saved_module_rows, names=list(adapter_names)), with_kwargs=True)
@@ -404,23 +395,37 @@ class PrefixPlusModel(BaseTuner):
             if isinstance(module, AuxiliaryTrainingWrapper)
         ]
         try:
-            yield
+            with self.call_options(adapter_names=list(adapter_names)):
+                yield
         finally:
-            layer.row_adapters = None
             for handle in handles:
                 handle.remove()
 
-    def _after_stack(self, state: _StackState, module: nn.Module, args: tuple, output: Any) -> None:
-        layer = self._layer
-        layer.release_seeded(state.sites)
-        if layer.checkpointing:
-            return  # recomputation in the backward pass reads the prefixes and masks again
-        if state.owner is None:
-            # The autograd graph keeps what the backward pass needs; holding the prefixes and the extended masks until
-            # the next pass would only add them to the step's peak memory.
-            layer.clear(state.sites)
-        else:
-            layer.begin_pass()  # cached decoding: keep the prefixes for the next step
+    @contextmanager
+    def call_options(self, **options: Any):
+        """Pass ``options`` (`PrefixCall` fields: ``adapter_names``, ``disabled``, ``capture``) to every forward pass
+        of the attention stacks run inside the block, as a keyword argument, as LoRA passes ``adapter_names``.
+
+        Example:
+
+        ```py
+        >>> captured = {}
+        >>> with peft_model.base_model.call_options(disabled=True, capture=captured):
+        ...     peft_model(input_ids)
+        ```
+        """
+
+        def add_options(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return args, {**kwargs, OPTIONS_KWARG: options}
+
+        modules = [stack for stack, _ in self._stack_sites]
+        modules += [module for found in self._sites.values() for module in found.modules]
+        handles = [module.register_forward_pre_hook(add_options, with_kwargs=True, prepend=True) for module in modules]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _uses_position_offset(self) -> bool:
         layer = self._layer
@@ -455,15 +460,6 @@ class PrefixPlusModel(BaseTuner):
         for name, param in model.named_parameters():
             if f"{LAYER_ATTR}." not in name and not name.startswith(tuple(wrapped)):
                 param.requires_grad = False
-
-    def enable_adapter_layers(self) -> None:
-        """Enable the active adapters' prefixes (and their `modules_to_save`)."""
-        super().enable_adapter_layers()
-
-    def disable_adapter_layers(self) -> None:
-        """Disable all prefixes (and `modules_to_save`): the model computes exactly as the base model."""
-        super().disable_adapter_layers()
-        self._layer.clear()
 
     def merge_mlp(self, adapter_names: Optional[list[str]] = None) -> list[str]:
         """Replace the prefix MLP of adapters by the raw prefixes it produces, computed once in float32.
@@ -526,6 +522,7 @@ class PrefixPlusModel(BaseTuner):
                 parent, _, target_name = _get_submodules(model, name)
                 setattr(parent, target_name, module.original_module)
         if hasattr(model, LAYER_ATTR):
+            getattr(model, LAYER_ATTR).cache_owner.unloaded = True
             delattr(model, LAYER_ATTR)
         if hasattr(model, "peft_config"):
             del model.peft_config

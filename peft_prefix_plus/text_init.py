@@ -3,6 +3,8 @@ model computes for the tokens of a text, captured at every attention layer of ev
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -39,30 +41,41 @@ def text_token_ids(model: nn.Module, config: PrefixPlusConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_key_values(model: nn.Module, layer: PrefixPlusLayer, input_ids: torch.Tensor) -> dict[tuple, Any]:
+def capture_key_values(
+    model: nn.Module, call_options: Callable[..., AbstractContextManager], input_ids: torch.Tensor
+) -> dict[tuple, Any]:
     """Run ``model`` once on ``input_ids`` without any prefix and return, per ``(site, layer index)``, the post-RoPE
     ``(keys, values)`` its attention computed, each ``(1, num_key_value_heads, length, head_dim)``.
 
     Encoder-decoder models read the tokens as encoder input and as decoder input, so the decoder self-attention sees
     the text and cross-attention sees the encoder's states of it.
+
+    Args:
+        model (`nn.Module`): The transformers model carrying PrefixPlus.
+        call_options (`Callable`): The tuner's `PrefixPlusModel.call_options`.
+        input_ids (`torch.Tensor`): ``(1, length)``.
     """
     device = next(model.parameters()).device
     inputs = {"input_ids": input_ids.to(device), "use_cache": False}
     if getattr(model.config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = inputs["input_ids"]
-    was_training, was_disabled = model.training, layer._disable_adapters
-    layer.capture, layer._disable_adapters = {}, True
+    captured: dict[tuple, Any] = {}
+    was_training = model.training
     try:
         model.eval()
-        model(**inputs)
-        return layer.capture
+        with call_options(disabled=True, capture=captured):
+            model(**inputs)
+        return captured
     finally:
-        layer.capture, layer._disable_adapters = None, was_disabled
         model.train(was_training)
 
 
 def initialise_from_text(
-    model: nn.Module, layer: PrefixPlusLayer, adapter_name: str, config: PrefixPlusConfig
+    model: nn.Module,
+    call_options: Callable[..., AbstractContextManager],
+    layer: PrefixPlusLayer,
+    adapter_name: str,
+    config: PrefixPlusConfig,
 ) -> None:
     """Set the initial prefixes of ``adapter_name`` to the base model's key/value states of ``config.init_text``.
 
@@ -70,6 +83,7 @@ def initialise_from_text(
 
     Args:
         model (`nn.Module`): The transformers model carrying ``layer``.
+        call_options (`Callable`): The tuner's `PrefixPlusModel.call_options`.
         layer ([`PrefixPlusLayer`]): Holds the adapter's freshly created encoders.
         adapter_name (`str`): The adapter to initialise.
         config ([`PrefixPlusConfig`]): Its configuration (`init_weights="text"`).
@@ -82,7 +96,7 @@ def initialise_from_text(
     >>> model = get_peft_model(base, config)  # calls initialise_from_text
     ```
     """
-    captured = capture_key_values(model, layer, text_token_ids(model, config))
+    captured = capture_key_values(model, call_options, text_token_ids(model, config))
     for site, encoder in layer.prefix_plus_sites[adapter_name].items():
         length = encoder.shape[3]
         pairs = []

@@ -10,6 +10,7 @@ import warnings
 
 import torch
 import transformers
+from packaging import version
 
 import peft_prefix_plus  # noqa: F401 - registers PREFIX_PLUS
 
@@ -217,9 +218,23 @@ def forward_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return model(**inputs).logits
 
 
+#: The keyword `generate` takes a KV cache by: ``cache`` from transformers 5.25 (``past_key_values`` is deprecated).
+GENERATE_CACHE = "cache" if version.parse(transformers.__version__) >= version.parse("5.25") else "past_key_values"
+
+
 def returned_cache(output):
     """The KV cache a forward or `generate` returns: ``cache`` from transformers 5.25, ``past_key_values`` before."""
     return output.cache if "cache" in output else output.past_key_values
+
+
+def cache_layers(cache) -> list:
+    """Every layer of a KV cache, the self- and cross-attention parts of an encoder-decoder cache included."""
+    parts = (
+        [cache.self_attention_cache, cache.cross_attention_cache]
+        if hasattr(cache, "self_attention_cache")
+        else [cache]
+    )
+    return [layer for part in parts for layer in part.layers]
 
 
 def all_configs(model: torch.nn.Module) -> list:

@@ -69,15 +69,3 @@ def test_encoder_and_decoder_called_alone_see_their_prefixes(family):
     assert torch.allclose(encoded, full.encoder_last_hidden_state, atol=1e-6)
     assert torch.allclose(decoded, full.decoder_hidden_states[-1], atol=1e-6)
     assert not torch.allclose(encoded, base_encoded, atol=1e-3), "the encoder ran without its prefix"
-
-
-def test_prefixes_are_computed_once_per_stack_and_pass(monkeypatch):
-    """An encoder-decoder forward computes the encoder's prefixes once and the decoder's (self and cross) once."""
-    model, task = adapted("t5")
-    layer = model.base_model.model.prefix_plus_layer
-    calls = []
-    original = layer.refresh
-    monkeypatch.setattr(layer, "refresh", lambda sites, rows=None: calls.append(tuple(sites)) or original(sites, rows))
-    batch = batch_for(task)
-    model(**batch)
-    assert sorted(calls) == [("encoder",), ("self", "cross")]

@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import batch_for, tiny_model
+import transformers
+from conftest import batch_for, tiny_config, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -88,6 +89,28 @@ def test_wrapping_a_wrapped_model_again_says_what_happened():
     get_peft_model(base, PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     with pytest.raises(ValueError, match=r"already carries PrefixPlus adapters.*add_adapter.*unload\(\)"):
         get_peft_model(base, PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+
+
+def test_two_models_built_from_one_config_object_each_take_their_own_adapter():
+    """`get_peft_model` switches the attention implementation on the config object, which a second model built from
+    the same object shares: that second model is still a plain model, and adapting it works."""
+    config = tiny_config("llama")
+    torch.manual_seed(0)
+    first_base = transformers.LlamaForCausalLM(config)
+    second_base = copy.deepcopy(first_base)
+    second_base.config = config  # one config object, as when both are built from it
+    reference = copy.deepcopy(first_base).eval()
+    batch = batch_for("CAUSAL_LM")
+    first = get_peft_model(first_base, PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        assert torch.equal(second_base.eval()(**batch).logits, reference(**batch).logits)  # still the base model
+    second = get_peft_model(second_base, PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        logits = [model(**batch).logits for model in (first, second, reference)]
+    assert not torch.allclose(logits[0], logits[1]) and not torch.allclose(logits[0], logits[2])
+    first.unload()  # the other keeps its prefix
+    with torch.no_grad():
+        assert torch.equal(second(**batch).logits, logits[1])
 
 
 @pytest.mark.parametrize(("start", "switch"), [("sdpa", "eager"), ("eager", "sdpa")])

@@ -8,6 +8,9 @@ outputs unchanged and `unload()` restores every config of the model. Then the be
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -15,17 +18,21 @@ import transformers
 from conftest import (
     FAMILIES,
     FAMILY_SPECS,
+    GENERATE_CACHE,
     all_configs,
     batch_for,
+    cache_layers,
     forward_logits,
     frozen_copy,
+    returned_cache,
     site_kwargs,
     tiny_model,
     uses_attention_interface,
 )
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
-from peft_prefix_plus import PrefixPlusConfig, attention
+from peft_prefix_plus import PrefixPlusConfig
+from peft_prefix_plus.kv_cache import PrefixedCacheLayer
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 VARIANTS = ["mlp", "raw", "two"]
@@ -92,25 +99,23 @@ def test_save_and_load_give_the_same_logits(family, attn, variant, tmp_path):
 
 
 @matrix(GENERATIVE)
-def test_cached_generation_equals_recomputation(family, attn, variant, monkeypatch):
-    decode_steps = []
-    decode = attention._decode_attention
-    monkeypatch.setattr(attention, "_decode_attention", lambda *a, **k: decode_steps.append(1) or decode(*a, **k))
+def test_cached_generation_equals_recomputation(family, attn, variant):
     model, _, task = adapted(family, attn, variant)
     batch = batch_for(task, batch_size=3, seq_len=5)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     scored = {"output_scores": True, "return_dict_in_generate": True, **kwargs}
     recomputed = model.generate(**inputs, use_cache=False, **scored)
-    decode_steps.clear()  # (an encoder-decoder's first step has one query without a cache)
     seeded = model.generate(**inputs, **scored)
-    # the prefix went into the cache and each step was one attention call; T5 (its position bias is sized from the
-    # cached keys) attends the prefix beside the cache
-    assert bool(decode_steps) == (family == "t5")
+    # the prefix went into the cache, so each step was one attention call; T5 (its position bias is sized from the
+    # cached keys) puts the prefix in front of the cached keys at every step
+    cache = returned_cache(seeded)
+    cache = cache.self_attention_cache if task == "SEQ_2_SEQ_LM" else cache
+    assert all(isinstance(layer, PrefixedCacheLayer) for layer in cache.layers) == (family != "t5")
     model.base_model.seeds_kv_cache = False
-    beside = model.generate(**inputs, **scored)
-    assert decode_steps  # the decoding branch (one query over prefix and cache) ran, under eager and sdpa
-    for cached in (seeded, beside):
+    concatenated = model.generate(**inputs, **scored)
+    assert not any(isinstance(layer, PrefixedCacheLayer) for layer in cache_layers(returned_cache(concatenated)))
+    for cached in (seeded, concatenated):
         assert torch.equal(cached.sequences, recomputed.sequences)
         torch.testing.assert_close(torch.stack(cached.scores), torch.stack(recomputed.scores), rtol=1e-4, atol=1e-5)
 
@@ -292,14 +297,55 @@ def test_stock_prefix_tuning_trains_with_gradient_checkpointing():
     stock(**batch_for(task)).loss.backward()
 
 
-def test_prefixes_are_computed_once_per_forward_pass():
+@pytest.mark.parametrize("init", ["mlp", "raw", "text_init"])
+def test_each_layer_prefix_is_its_slice_of_the_site_prefix(init):
+    """The prefix an attention call computes for its layer alone equals that layer's part of the whole site's."""
     base, task = tiny_model("t5")
-    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3, mlp_depth=2))
-    calls = {}
-    for site, encoder in model.base_model.prefix_plus_layer.prefix_plus_sites["default"].items():
-        encoder.mlp.register_forward_hook(lambda *_, site=site: calls.__setitem__(site, calls.get(site, 0) + 1))
-    model(**batch_for(task, batch_size=4))
-    assert calls == {"self": 1, "encoder": 1, "cross": 1}
+    config = PrefixPlusConfig(
+        task_type=task, num_virtual_tokens=3, mlp_depth=2, prefix_projection=init != "raw", **site_kwargs(task)
+    )
+    model = get_peft_model(base, config)
+    for encoder in model.base_model.prefix_plus_layer.prefix_plus_sites["default"].values():
+        if init == "text_init":  # the fixed part text initialisation adds to the MLP's output
+            encoder.register_buffer("prefix_init", torch.randn(encoder.shape))
+        whole = encoder.project()
+        for slot in encoder.slots.values():
+            keys, values = encoder.layer_prefix(slot)
+            torch.testing.assert_close(keys, whole[slot, 0], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(values, whole[slot, 1], rtol=1e-6, atol=1e-6)
+
+
+def test_a_forward_pass_leaves_no_state_on_the_model():
+    """Nothing about a pass is stored on a module: the attributes of the adapted transformers model (the PrefixPlus
+    layer and encoders included) are the same objects before and after passes, generation and disabling."""
+    model, _, task = adapted("llama", "sdpa", "two")
+
+    def snapshot(value):
+        if isinstance(value, (bool, int, float, str, type(None))):
+            return value
+        if isinstance(value, dict):  # a dict mutated in place (a per-pass memo) shows in its items
+            return id(value), tuple((key, id(item)) for key, item in value.items())
+        if isinstance(value, list):
+            return id(value), tuple(id(item) for item in value)
+        return id(value)
+
+    def attributes():
+        return {
+            (name, key): snapshot(value)
+            for name, module in model.base_model.model.named_modules()
+            for key, value in vars(module).items()
+            if key not in ("_parameters", "_buffers", "_modules", "training")
+        }
+
+    before = attributes()
+    batch = batch_for(task)
+    model(**batch)
+    model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3, pad_token_id=0
+    )
+    with model.disable_adapter():
+        model(**batch)
+    assert attributes() == before
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
@@ -444,24 +490,6 @@ def test_other_families_need_no_special_code(model_type):
             assert torch.equal(model(input_ids=input_ids).logits, expected)
 
 
-def test_prefixes_are_computed_once_per_generate_call():
-    base, task = tiny_model("llama")
-    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3)).eval()
-    calls = []
-    model.base_model.prefix_plus_layer.prefix_plus_sites["default"]["self"].mlp.register_forward_hook(
-        lambda *_: calls.append(1)
-    )
-    batch = batch_for(task)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    first = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert len(calls) == 1  # one MLP run for the prefill and all decoding steps
-    with model.disable_adapter():
-        plain = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert not torch.equal(plain, first)
-    again = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert torch.equal(again, first) and len(calls) == 2  # a new generate call computes them afresh
-
-
 def test_prefix_dropout_applies_in_training_only():
     base, task = tiny_model("llama")
     model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=4, prefix_dropout=0.5))
@@ -485,12 +513,170 @@ def test_zero_init_gives_zero_prefixes(projection):
         assert torch.count_nonzero(encoder.project()) == 0
 
 
-@pytest.mark.parametrize(("family", "expected"), [("llama", 1), ("t5", 3)])
-def test_attention_mask_is_extended_once_per_forward_pass(family, expected, monkeypatch):
-    calls = []
-    extend = attention._extend_mask
-    monkeypatch.setattr(attention, "_extend_mask", lambda *a, **k: calls.append(1) or extend(*a, **k))
+# ---------------------------------------------------------------------------------------------------------------------
+# The prefix is a pure function of the adapter's parameters: nothing about a pass is kept on a module, so concurrent
+# passes, passes interleaved before a checkpointed backward, and pickled models all compute what a lone pass computes.
+
+STATELESS_FAMILIES = ["llama", "gpt2", "t5", "bart"]
+
+
+def run_in_threads(function, arguments: list) -> list:
+    """``function(argument)`` for every argument, each in its own thread, started together; results in order."""
+    barrier = threading.Barrier(len(arguments))
+    results: list = [None] * len(arguments)
+    errors: list = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = function(arguments[i])
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(arguments))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("family", STATELESS_FAMILIES)
+def test_threads_on_one_model_equal_sequential_passes(family):
+    model, _, task = adapted(family, "sdpa", "two")
+    # batches of different shapes and padding, each pass repeated so that the threads interleave
+    batches = [batch_for(task, batch_size=1 + i % 3, seq_len=4 + i, seed=i, left_pad=i % 2 == 0) for i in range(4)]
+    expected = [forward_logits(model, batch) for batch in batches]
+
+    def repeated(batch):
+        return [forward_logits(model, batch) for _ in range(5)]
+
+    for batch_results, logits in zip(run_in_threads(repeated, batches), expected, strict=True):
+        for result in batch_results:
+            assert torch.equal(result, logits)
+
+    def generated(batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    sequential = [generated(batch) for batch in batches[:2]]
+    for threaded, alone in zip(run_in_threads(generated, batches[:2]), sequential, strict=True):
+        assert torch.equal(threaded, alone)
+
+
+def adapter_gradients(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("interleaved", ["disabled", "other_adapter"])
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("family", STATELESS_FAMILIES)
+def test_checkpointing_with_an_interleaved_pass_gives_the_gradients_without_checkpointing(
+    family, reentrant, interleaved
+):
+    """DPO's pattern: a training pass, a `no_grad` reference pass with the adapter off (or another adapter), then the
+    backward pass, whose checkpointed recomputation must see the training pass's prefix."""
     base, task = tiny_model(family)
-    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3))
-    model(**batch_for(task))
-    assert len(calls) == expected  # one per distinct mask (T5: encoder, decoder self, cross), not one per layer
+    config = PrefixPlusConfig(task_type=task, num_virtual_tokens=3, mlp_depth=2, **site_kwargs(task))
+    model = get_peft_model(base, config)
+    model.add_adapter("other", PrefixPlusConfig(task_type=task, num_virtual_tokens=3, **site_kwargs(task)))
+    model.train()
+    batch = batch_for(task)
+
+    torch.manual_seed(0)  # the same dropout masks (GPT-2) in both training passes
+    model(**batch).loss.backward()
+    expected = adapter_gradients(model)
+    assert expected and all(grad.abs().sum() > 0 for grad in expected.values())
+    model.zero_grad(set_to_none=True)
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    torch.manual_seed(0)
+    loss = model(**batch).loss
+    with torch.no_grad():
+        if interleaved == "disabled":
+            with model.disable_adapter():
+                model(**batch)
+        else:
+            model.set_adapter("other")
+            model(**batch)
+            model.set_adapter("default")
+    loss.backward()
+    found = adapter_gradients(model)
+    assert found.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(found[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_a_pickled_model_gives_the_same_logits_in_a_fresh_process(tmp_path):
+    model, _, task = adapted("llama", "sdpa", "mlp")
+    batch = batch_for(task)
+    model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2, pad_token_id=0
+    )
+    torch.save(model, tmp_path / "model.pt")
+    torch.save({"batch": batch, "logits": forward_logits(model, batch)}, tmp_path / "expected.pt")
+    # a fresh interpreter that never imports peft_prefix_plus itself: unpickling must bring everything it needs
+    script = (
+        "import sys, torch\n"
+        f"model = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+        f"expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "inputs = {k: v for k, v in expected['batch'].items() if k != 'labels'}\n"
+        "with torch.no_grad():\n"
+        "    logits = model(**inputs).logits\n"
+        "sys.exit(0 if torch.equal(logits, expected['logits']) else 3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_cache_started_by_another_model_is_refused():
+    first, _, task = adapted("llama", "sdpa", "mlp")
+    second, _, _ = adapted("llama", "sdpa", "mlp")
+    batch = batch_for(task)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    out = first.generate(**inputs, max_new_tokens=2, pad_token_id=0, return_dict_in_generate=True)
+    cache = returned_cache(out)
+    step = {
+        "input_ids": out.sequences[:, -1:],
+        "attention_mask": torch.ones(out.sequences.shape, dtype=torch.long),
+        "cache": cache,
+    }
+    with torch.no_grad(), pytest.raises(ValueError, match="filled by another PrefixPlus model"):
+        second(**step)
+    with torch.no_grad():  # its own model continues it
+        assert torch.isfinite(first(**step).logits).all()
+
+
+def test_a_seeded_cache_is_refused_by_the_base_model_after_unload():
+    model, _, task = adapted("llama", "sdpa", "mlp")
+    batch = batch_for(task)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    out = model.generate(**inputs, max_new_tokens=2, pad_token_id=0, return_dict_in_generate=True)
+    base = model.unload()
+    step = {
+        "input_ids": out.sequences[:, -1:],
+        "attention_mask": torch.ones(out.sequences.shape, dtype=torch.long),
+        "cache": returned_cache(out),
+    }
+    with torch.no_grad(), pytest.raises(ValueError, match="was unloaded"):
+        base(**step)
+
+
+def test_a_deep_copied_cache_continues_like_the_original():
+    """Prompt-cache reuse (`copy.deepcopy(prompt_cache)`) keeps the cache its model's."""
+    model, _, task = adapted("llama", "sdpa", "mlp")
+    batch = batch_for(task, batch_size=1, left_pad=False)
+    with torch.no_grad():
+        prompt = model(input_ids=batch["input_ids"], use_cache=True)
+    cache = returned_cache(prompt)
+    assert isinstance(cache.layers[0], PrefixedCacheLayer)
+    full = torch.cat([batch["input_ids"], batch["input_ids"][:, :2]], dim=1)
+    continued = model.generate(input_ids=full, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    reused = model.generate(
+        input_ids=full, **{GENERATE_CACHE: copy.deepcopy(cache)}, max_new_tokens=3, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(reused, continued)

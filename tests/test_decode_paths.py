@@ -11,7 +11,8 @@ from conftest import batch_for, returned_cache, site_kwargs, tiny_model
 from peft import get_peft_model
 from transformers import DynamicCache
 
-from peft_prefix_plus import PrefixPlusConfig, attention
+from peft_prefix_plus import PrefixPlusConfig
+from peft_prefix_plus import model as tuner_module
 from peft_prefix_plus.kv_cache import PrefixedCacheLayer
 
 STRATEGIES = {
@@ -80,19 +81,20 @@ CASES = [
 
 @pytest.mark.parametrize(("family", "setup", "strategy"), CASES)
 def test_seeded_cache_generates_the_same_tokens(family, setup, strategy, monkeypatch):
-    beside_steps = []
-    decode = attention._decode_attention
-    monkeypatch.setattr(attention, "_decode_attention", lambda *a, **k: beside_steps.append(1) or decode(*a, **k))
+    seedings = []
+    seed = tuner_module.seed_prefix_cache
+    monkeypatch.setattr(tuner_module, "seed_prefix_cache", lambda *a, **k: seedings.append(1) or seed(*a, **k))
     model, task = adapted(family, setup)
     inputs = inputs_for(task)
     seeded = generate(model, inputs, **STRATEGIES[strategy])
-    # every decoding step was one attention call over the seeded cache; T5 keeps its prefix beside the cache
-    assert bool(beside_steps) == (family == "t5")
+    # the prefix went into the cache; T5 (position bias sized from the cached keys) puts it in front at every step
+    assert bool(seedings) == (family != "t5")
     model.base_model.seeds_kv_cache = False
-    beside = generate(model, inputs, **STRATEGIES[strategy])
-    assert beside_steps
+    seedings.clear()
+    concatenated = generate(model, inputs, **STRATEGIES[strategy])
+    assert not seedings
     recomputed = generate(model, inputs, use_cache=False, **STRATEGIES[strategy])
-    assert_same_generation(seeded, beside)
+    assert_same_generation(seeded, concatenated)
     assert_same_generation(seeded, recomputed)
     with model.disable_adapter():  # the prefix steers
         assert not torch.allclose(generate(model, inputs, **STRATEGIES[strategy])[1], seeded[1])
@@ -185,7 +187,7 @@ def test_a_cache_used_before_is_not_seeded():
 
 
 def test_prefixed_cache_layer_crops_tokens_never_the_prefix():
-    layer = PrefixedCacheLayer(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), version=0)
+    layer = PrefixedCacheLayer(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))
     keys, values = layer.update(torch.ones(3, 2, 5, 8), torch.ones(3, 2, 5, 8))
     assert keys.shape == (3, 2, 9, 8) and layer.get_seq_length() == 5 and layer.get_mask_sizes(1) == (6, 0)
     assert torch.equal(keys[:, :, :4], torch.zeros(3, 2, 4, 8))
