@@ -8,8 +8,8 @@ batch 1 at 4096 (batch 8 would take minutes per call on a CPU). Methods, each on
 - ``stock``: stock PEFT ``PrefixTuningConfig(prefix_projection=True)``;
 - ``pp_unmerged``: PrefixPlus with its projection MLP;
 - ``pp_merged``: the same adapter after ``merge_mlp()`` (raw prefixes);
-- ``pp_merged_beside``: the merged adapter with ``seeds_kv_cache = False``: every decoding step attends the prefix
-  beside the KV cache in two products (the path of release 0.1, kept for static and sliding-window caches).
+- ``pp_merged_beside``: the merged adapter with ``seeds_kv_cache = False``: the prefix stays out of the KV cache and
+  every decoding step puts it in front of the cached keys (the path static and sliding-window caches and T5 take).
 
 Each ``generate`` call is timed whole (tokens/s = batch x new tokens / time) and, through a forward pre-hook, split
 into the prompt's forward pass and the decoding steps after it (decode tokens/s = batch x (new tokens - 1) / time

@@ -12,7 +12,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _delete_auxiliary_adapter
 from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .attention import (
     CALL_KWARG,
@@ -326,7 +326,8 @@ class PrefixPlusModel(BaseTuner):
             # refused before the module writes to the cache, so that the cache stays usable by its own model
             if isinstance(found, PrefixedCacheLayer) and found.owner is not self._layer.cache_owner:
                 raise ValueError(FOREIGN_CACHE_MESSAGE)
-            if self.seeds_kv_cache and not call.disabled and not torch.is_grad_enabled():
+            empty = found is None or (type(found) is DynamicLayer and not found.is_initialized)
+            if empty and self.seeds_kv_cache and not call.disabled and not torch.is_grad_enabled():
                 self._seed_cache(cache, site, index, cache_index, rows)
         kwargs = {key: value for key, value in kwargs.items() if key != OPTIONS_KWARG}
         kwargs[CALL_KWARG] = call
