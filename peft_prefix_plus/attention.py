@@ -7,16 +7,15 @@ and values of the calling module in front of its real keys and values, extend th
 ``position_bias``) with "attend" columns, and hand over to the model's own eager function or to sdpa. Switching a
 model's ``config._attn_implementation`` to one of them is all the model sees; no modeling code is copied.
 
-Which modules are attention layers, and which site (encoder self-, decoder self- or cross-attention) each one
-belongs to, is found by :func:`discover_attention_sites`: one tiny forward pass that records every call made through
-the interface.
+Which modules are attention layers, and which site each one belongs to, is found by
+`peft_prefix_plus.discovery`.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -33,7 +32,6 @@ UNWRAPPED_IMPLEMENTATIONS = {wrapper: name for name, wrapper in WRAPPED_IMPLEMEN
 #: Unpadded causal sdpa calls attend the prefix through a square, maskless ``is_causal`` call (see
 #: `_square_causal_attention`); `False` passes a materialised mask instead (the tests compare the two).
 SQUARE_CAUSAL = True
-_PROBE = "prefix_plus_probe"
 _ROUTE_ATTR = "_prefix_plus_route"
 #: The keyword argument through which a forward pass hands its `PrefixCall` to every attention call of that pass.
 CALL_KWARG = "prefix_plus_call"
@@ -62,17 +60,6 @@ class PrefixCall:
 
 
 _PLAIN_CALL = PrefixCall()
-
-
-@dataclass
-class AttentionSite:
-    """The attention modules of one site, in layer order, and their key/value geometry."""
-
-    modules: list[nn.Module] = field(default_factory=list)
-    num_key_value_heads: int = 0
-    head_dim: int = 0
-    #: whether the modules pass a ``position_bias`` (T5), which their own code sizes from the cached keys
-    position_bias: bool = False
 
 
 def _eager_function(module: nn.Module) -> Callable:
@@ -250,17 +237,6 @@ def register_attention_functions() -> None:
     for implementation, name in WRAPPED_IMPLEMENTATIONS.items():
         AttentionInterface.register(name, _make_prefix_attention(implementation))
         AttentionMaskInterface.register(name, masks[implementation])
-    AttentionInterface.register(_PROBE, _probe_attention)
-    AttentionMaskInterface.register(_PROBE, eager_mask)
-
-
-_probe_calls: list[tuple[nn.Module, int, int, int, int, bool]] = []
-
-
-def _probe_attention(module, query, key, value, attention_mask, **kwargs):
-    biased = kwargs.get("position_bias") is not None
-    _probe_calls.append((module, query.shape[2], key.shape[2], key.shape[1], key.shape[3], biased))
-    return _eager_function(module)(module, query, key, value, attention_mask, **kwargs)
 
 
 def model_configs(model: nn.Module) -> list[Any]:
@@ -295,87 +271,6 @@ def unwrap_attention_implementations(model: nn.Module) -> None:
     for config in model_configs(model):
         if config._attn_implementation in UNWRAPPED_IMPLEMENTATIONS:
             config._attn_implementation = UNWRAPPED_IMPLEMENTATIONS[config._attn_implementation]
-
-
-def set_attention_implementation(model: nn.Module, implementations: dict[int, str]) -> None:
-    """Set ``_attn_implementation`` on every config of ``model`` (keyed by ``id(config)``)."""
-    for config in model_configs(model):
-        if id(config) in implementations:
-            config._attn_implementation = implementations[id(config)]
-
-
-def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
-    """Find the attention modules of ``model`` and sort them into sites, with one tiny forward pass.
-
-    The pass feeds 5 encoder tokens and 3 decoder tokens, so a call whose query has 5 positions is encoder
-    self-attention and a decoder call whose keys have 5 positions is cross-attention.
-
-    Args:
-        model (`nn.Module`): A transformers model.
-
-    Returns:
-        `dict[str, AttentionSite]`: ``"self"`` (decoder-only or encoder-only self-attention, or decoder
-        self-attention), and for encoder-decoder models ``"encoder"`` and ``"cross"``.
-
-    Raises:
-        ValueError: If no attention call goes through transformers' AttentionInterface.
-    """
-    config = model.config
-    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-    configs = model_configs(model)
-    saved = {id(c): c._attn_implementation for c in configs}
-    device = next(model.parameters()).device
-    vocab = getattr(config, "vocab_size", None) or 2
-    token = min(1, vocab - 1)
-    inputs = {"input_ids": torch.full((1, 5 if is_encoder_decoder else 3), token, device=device)}
-    if is_encoder_decoder:
-        start = getattr(config, "decoder_start_token_id", None)
-        inputs["decoder_input_ids"] = torch.full((1, 3), token if start is None else start, device=device)
-    was_training = model.training
-    _probe_calls.clear()
-    try:
-        set_attention_implementation(model, dict.fromkeys(saved, _PROBE))
-        model.eval()
-        with torch.no_grad():
-            model(**inputs)
-    except Exception as error:  # noqa: BLE001 - re-raised with the model type named
-        raise ValueError(
-            f"PrefixPlus could not run a probe forward pass through {type(model).__name__} "
-            f"(model_type={getattr(config, 'model_type', None)!r}): {error}"
-        ) from error
-    finally:
-        set_attention_implementation(model, saved)
-        model.train(was_training)
-    calls, seen = [], set()
-    for call in _probe_calls:
-        if id(call[0]) not in seen:  # a module called twice (e.g. shared layers) counts once
-            seen.add(id(call[0]))
-            calls.append(call)
-    _probe_calls.clear()
-    if not calls:
-        raise ValueError(
-            f"Model type {getattr(config, 'model_type', type(model).__name__)!r} does not compute attention through "
-            "transformers' AttentionInterface, so PrefixPlus cannot inject prefixes into it. Supported are models "
-            "whose attention calls `ALL_ATTENTION_FUNCTIONS.get_interface(...)`, e.g. Llama, Mistral, Qwen2, GPT-2, "
-            "OPT, T5, BART and BERT; see the README's table of tested families."
-        )
-    sites: dict[str, AttentionSite] = {}
-    for module, q_len, k_len, heads, head_dim, biased in calls:
-        if not is_encoder_decoder:
-            name = "self"
-        elif q_len == 5:
-            name = "encoder"
-        else:
-            name = "cross" if k_len == 5 else "self"
-        site = sites.setdefault(name, AttentionSite(num_key_value_heads=heads, head_dim=head_dim))
-        if (heads, head_dim) != (site.num_key_value_heads, site.head_dim):
-            raise ValueError(
-                f"Attention layers of the '{name}' site of {type(model).__name__} differ in key/value heads or head "
-                "dimension; PrefixPlus supports models whose layers share one attention geometry per site."
-            )
-        site.modules.append(module)
-        site.position_bias = site.position_bias or biased
-    return sites
 
 
 def has_route(module: nn.Module) -> bool:

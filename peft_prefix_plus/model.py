@@ -19,9 +19,7 @@ from .attention import (
     FOREIGN_CACHE_MESSAGE,
     UNWRAPPED_IMPLEMENTATIONS,
     WRAPPED_IMPLEMENTATIONS,
-    AttentionSite,
     PrefixCall,
-    discover_attention_sites,
     has_route,
     model_configs,
     set_route,
@@ -29,6 +27,7 @@ from .attention import (
     wrap_attention_implementation,
 )
 from .config import PrefixPlusConfig
+from .discovery import AttentionSite, discover_attention_sites, execution_device
 from .geometry import layer_indices
 from .kv_cache import PrefixedCacheLayer, cache_layer, seed_prefix_cache
 from .layer import MERGE_INTO_WEIGHTS_MESSAGE, PrefixPlusLayer
@@ -182,9 +181,9 @@ class PrefixPlusModel(BaseTuner):
         for site, found in sites.items():
             for index, module in enumerate(found.modules):
                 set_route(module, (layer, site, index))
-            parameter = next(found.modules[0].parameters(), None)
-            if parameter is not None:
-                layer.site_devices[site] = parameter.device
+            device = execution_device(model, found.modules[0])
+            if device.type != "meta":  # a meta-initialised model: the encoders stay where they are created
+                layer.site_devices[site] = device
         # every config of the model (T5's encoder and decoder hold copies), checked before each pass: a later
         # `model.set_attn_implementation("eager")` must not silently drop the prefix
         self._configs = model_configs(model)
