@@ -147,6 +147,14 @@ FOREIGN_CACHE_MESSAGE = (
 )
 
 
+REBUILT_CACHE_MESSAGE = (
+    "This KV cache holds {extra} more tokens than the attention mask covers, as many as the prefix of this PrefixPlus "
+    "model: it was most likely rebuilt from a PrefixPlus cache (e.g. `DynamicCache(list(cache))` or a legacy tuple "
+    "conversion), which turns the prefix in front of its keys into ordinary cached tokens. Continue the cache that "
+    "`generate` or the model returned (or a `copy.deepcopy` of it), or start a new one."
+)
+
+
 def _make_prefix_attention(implementation: str) -> Callable:
     def prefix_attention(
         module: nn.Module,

@@ -111,6 +111,18 @@ class PrefixedCacheLayer(DynamicLayer):
             return 0
         return self.keys.shape[-2] - self.prefix_length
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every row ``repeats`` times (beam search's expansion), also when the cache holds only the prefix."""
+        if self.is_initialized and self.keys is not None:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices``, also when the cache holds only the prefix."""
+        if self.is_initialized and self.keys is not None:
+            self.keys = self.keys[indices, ...]
+            self.values = self.values[indices, ...]
+
     def crop(self, tokens_to_remove: int) -> None:
         """Remove ``tokens_to_remove`` tokens from the end; the prefix stays."""
         super().crop(-min(abs(tokens_to_remove), self.get_seq_length()) if tokens_to_remove < 0 else tokens_to_remove)

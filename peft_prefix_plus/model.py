@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .attention import (
     CALL_KWARG,
     FOREIGN_CACHE_MESSAGE,
+    REBUILT_CACHE_MESSAGE,
     UNWRAPPED_IMPLEMENTATIONS,
     WRAPPED_IMPLEMENTATIONS,
     PrefixCall,
@@ -37,6 +38,20 @@ from .text_init import initialise_from_text
 LAYER_ATTR = "prefix_plus_layer"
 #: Keyword argument by which a temporary hook hands per-call options (`PrefixCall` fields) to the stack hook.
 OPTIONS_KWARG = "prefix_plus_options"
+#: transformers' continuous batching (`generate_batch`, `continuous_batching_context_manager`,
+#: `generate(cache_implementation="paged")`, `transformers serve`) all start a manager through this method.
+CONTINUOUS_BATCHING_ENTRY = "init_continuous_batching"
+CONTINUOUS_BATCHING_MESSAGE = (
+    "Continuous batching (`generate_batch`, `init_continuous_batching`, `continuous_batching_context_manager`, "
+    "`generate(cache_implementation='paged')`) is not supported with PrefixPlus adapters: it replaces the model's "
+    "attention implementation and KV cache, which carry the PrefixPlus prefix. Use `generate` instead (padded "
+    "batches are supported), or call `peft_model.unload()` first to run the base model without the adapter."
+)
+
+
+def _refuse_continuous_batching(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for the base model's `init_continuous_batching` while PrefixPlus adapters are attached."""
+    raise ValueError(CONTINUOUS_BATCHING_MESSAGE)
 
 
 def _attention_stacks(model: nn.Module, sites: dict[str, AttentionSite]) -> list[tuple[nn.Module, tuple[str, ...]]]:
@@ -190,6 +205,10 @@ class PrefixPlusModel(BaseTuner):
         for config in self._configs:
             wrap_attention_implementation(config)
         self._sites = sites
+        # an instance attribute shadows transformers' method on this model only (its class is unchanged); every
+        # continuous batching entry point calls `self.init_continuous_batching`, so all refuse before anything runs
+        if hasattr(model, CONTINUOUS_BATCHING_ENTRY):
+            setattr(model, CONTINUOUS_BATCHING_ENTRY, _refuse_continuous_batching)
         # Each attention call gets this pass's `PrefixCall` as a keyword argument from a pre-hook on its own module
         # (an attention module hands its keyword arguments to the attention function; its caller may not). Decoder
         # self- and cross-attention whose own code does not size a position bias from the cached keys seed their
@@ -205,7 +224,9 @@ class PrefixPlusModel(BaseTuner):
         # Every entry point passes through each attention stack (the decoder, the encoder): its hook re-checks the
         # attention implementation and shifts position ids. It keeps nothing; it only rewrites the call's arguments.
         self._hooks += [
-            stack.register_forward_pre_hook(partial(self._before_stack, stack_sites), with_kwargs=True)
+            stack.register_forward_pre_hook(
+                partial(self._before_stack, stack_sites, _positions_from_mask(stack)), with_kwargs=True
+            )
             for stack, stack_sites in self._stack_sites
         ]
 
@@ -290,7 +311,7 @@ class PrefixPlusModel(BaseTuner):
         return getattr(self.model, LAYER_ATTR)
 
     def _before_stack(
-        self, sites: tuple[str, ...], module: nn.Module, args: tuple, kwargs: dict
+        self, sites: tuple[str, ...], mask_positions: bool, module: nn.Module, args: tuple, kwargs: dict
     ) -> tuple[tuple, dict]:
         """Before one attention stack runs: keep PrefixPlus's attention, shift the position ids if configured."""
         for config in self._configs:
@@ -300,14 +321,27 @@ class PrefixPlusModel(BaseTuner):
         kwargs = {key: value for key, value in kwargs.items() if key != OPTIONS_KWARG}
         if "self" not in sites or self._is_encoder_decoder or layer.disable_adapters or options.get("disabled"):
             return args, kwargs
+        self._check_cache_length(args, kwargs)
         rows = self._rows_of(args, kwargs, options.get("adapter_names"))
         if rows is not None:
             offsets = [layer.adapter_length(name, "self") if self._offsets(name) else 0 for name in rows]
             if any(offsets):
-                kwargs = self._offset_position_ids(args, kwargs, torch.tensor(offsets)[:, None])
+                kwargs = self._offset_position_ids(args, kwargs, torch.tensor(offsets)[:, None], mask_positions)
         elif self._uses_position_offset():
-            kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"))
+            kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"), mask_positions)
         return args, kwargs
+
+    def _check_cache_length(self, args: tuple, kwargs: dict) -> None:
+        """Refuse a cache whose length exceeds the attention mask's by the prefix length: a cache rebuilt from a seeded
+        one, whose prefix would be read as tokens (a seeded cache leaves its prefix out of its length)."""
+        cache, mask = _cache_argument(kwargs), kwargs.get("attention_mask")
+        if cache is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+        extra = cache.get_seq_length() + tokens.shape[1] - mask.shape[-1] if tokens is not None else 0
+        if extra > 0 and extra == self._layer.active_length("self"):
+            raise ValueError(REBUILT_CACHE_MESSAGE.format(extra=extra))
 
     def _before_attention(
         self, site: str, index: int, cache_index: Optional[int], module: nn.Module, args: tuple, kwargs: dict
@@ -434,9 +468,16 @@ class PrefixPlusModel(BaseTuner):
         )
 
     @staticmethod
-    def _offset_position_ids(args: tuple, kwargs: dict, length: Union[int, torch.Tensor]) -> dict:
+    def _offset_position_ids(
+        args: tuple, kwargs: dict, length: Union[int, torch.Tensor], mask_positions: bool
+    ) -> dict:
         """Shift real tokens' position ids by the prefix length (per row: a ``(batch, 1)`` tensor), as stock PEFT's
-        past_key_values route does."""
+        past_key_values route does.
+
+        Positions the caller passes (`generate` derives them from the attention mask) are shifted. Without them, the
+        positions the stack itself would compute are shifted: from the attention mask where its code derives them so
+        (``mask_positions``: OPT, BioGPT), else ``past .. past + length - 1``.
+        """
         if isinstance(length, int) and not length:
             return kwargs
         position_ids = kwargs.get("position_ids")
@@ -446,7 +487,11 @@ class PrefixPlusModel(BaseTuner):
                 tokens = kwargs["inputs_embeds"]
             cache = _cache_argument(kwargs)
             past = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(past, past + tokens.shape[1], device=tokens.device).unsqueeze(0)
+            mask = kwargs.get("attention_mask")
+            if mask_positions and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                position_ids = ((mask.cumsum(dim=1) * mask) - 1).long()[:, past:]
+            else:
+                position_ids = torch.arange(past, past + tokens.shape[1], device=tokens.device).unsqueeze(0)
         if isinstance(length, torch.Tensor):
             length = length.to(position_ids.device)
         return {**kwargs, "position_ids": position_ids + length}
@@ -521,6 +566,8 @@ class PrefixPlusModel(BaseTuner):
             if isinstance(module, AuxiliaryTrainingWrapper):
                 parent, _, target_name = _get_submodules(model, name)
                 setattr(parent, target_name, module.original_module)
+        if model.__dict__.get(CONTINUOUS_BATCHING_ENTRY) is _refuse_continuous_batching:
+            delattr(model, CONTINUOUS_BATCHING_ENTRY)  # transformers' own method again
         if hasattr(model, LAYER_ATTR):
             getattr(model, LAYER_ATTR).cache_owner.unloaded = True
             delattr(model, LAYER_ATTR)
@@ -562,6 +609,21 @@ def _saved_module_rows(module: nn.Module, args: tuple, kwargs: dict, names: list
     if rows % len(names):
         return args, {**kwargs, "adapter_names": names}  # the wrapper names the mismatch
     return args, {**kwargs, "adapter_names": [name for name in names for _ in range(rows // len(names))]}
+
+
+def _positions_from_mask(stack: nn.Module) -> bool:
+    """Whether ``stack`` derives position ids from the attention mask when none are passed (OPT's decoder and
+    BioGPT's position embedding take a running count of the mask), as read from the source of its forward and of its
+    position embedding: PrefixPlus must shift the same positions."""
+    modules = [stack, *(module for name, module in stack.named_children() if "pos" in name)]
+    for module in modules:
+        try:
+            source = inspect.getsource(type(module).forward)
+        except (OSError, TypeError):
+            continue
+        if "cumsum(" in source and "attention_mask" in source:
+            return True
+    return False
 
 
 def _cache_argument(kwargs: dict) -> Any:

@@ -139,6 +139,41 @@ def test_parity_with_stock_peft(family, projection):
     assert not torch.allclose(logits(model, batch), logits(stock, batch), atol=1e-5)
 
 
+def padded_and_alone(family: str):
+    """A PrefixPlus model with offset positions, a batch whose second row is left-padded, and that row unpadded."""
+    base, task = tiny_model(family)
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=4, offset_position_ids=True))
+    batch = batch_for(task)  # the last row has two padding tokens in front
+    real = batch["attention_mask"][-1].bool()
+    alone = {"input_ids": batch["input_ids"][-1:, real], "attention_mask": batch["attention_mask"][-1:, real]}
+    return model.eval(), {key: batch[key] for key in ("input_ids", "attention_mask")}, real, alone
+
+
+def test_offset_positions_of_a_padded_row_are_the_models_own_shifted():
+    """OPT derives positions from the attention mask: a left-padded row, shifted by the prefix, equals the row alone
+    (and a mixed batch's `"__base__"` row equals the base model, in test_mixed_batches)."""
+    model, batch, real, alone = padded_and_alone("opt")
+    with torch.no_grad():
+        padded = model(**batch).logits[-1, real]
+        expected = model(**alone).logits[0]
+    torch.testing.assert_close(padded, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_offset_positions_in_generate_of_a_padded_row_equal_the_row_alone(family):
+    """`generate` computes positions from the attention mask; shifted by the prefix, a padded row generates what it
+    generates alone, with the same scores."""
+    model, batch, _, alone = padded_and_alone(family)
+    settings = {"max_new_tokens": 5, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    padded = model.generate(**batch, **settings)
+    single = model.generate(**alone, **settings)
+    assert torch.equal(
+        padded.sequences[-1, batch["input_ids"].shape[1] :], single.sequences[0, alone["input_ids"].shape[1] :]
+    )
+    for step_padded, step_alone in zip(padded.scores, single.scores, strict=True):
+        torch.testing.assert_close(step_padded[-1], step_alone[0], rtol=0, atol=1e-4)
+
+
 def test_bf16_base_runs_trains_and_matches_attention_dtype(monkeypatch):
     from peft_prefix_plus import attention
 

@@ -680,3 +680,49 @@ def test_a_deep_copied_cache_continues_like_the_original():
         input_ids=full, **{GENERATE_CACHE: copy.deepcopy(cache)}, max_new_tokens=3, do_sample=False, pad_token_id=0
     )
     assert torch.equal(reused, continued)
+
+
+def test_a_cache_rebuilt_from_a_seeded_one_is_refused():
+    """`DynamicCache(list(cache))` turns the seeded prefix into ordinary cached tokens; the next pass must say so."""
+    model, _, task = adapted("llama", "sdpa", "mlp")
+    batch = batch_for(task)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    out = model.generate(**inputs, max_new_tokens=2, pad_token_id=0, return_dict_in_generate=True)
+    rebuilt = transformers.DynamicCache(list(returned_cache(out)))
+    step = {
+        "input_ids": out.sequences[:, -1:],
+        "attention_mask": torch.ones(out.sequences.shape, dtype=torch.long),
+        "cache": rebuilt,
+    }
+    with torch.no_grad(), pytest.raises(ValueError, match=r"holds 3 more tokens than the attention mask.*rebuilt"):
+        model(**step)
+    with torch.no_grad():  # the cache as returned continues
+        model(**{**step, "cache": returned_cache(out)})
+
+
+def test_a_cache_cropped_to_its_prefix_and_expanded_continues_exactly():
+    """Cropping every token leaves only the seeded prefix; expanding the batch (as beam search does) must expand it."""
+    model, _, task = adapted("llama", "sdpa", "mlp")
+    prompt = batch_for(task, batch_size=1, left_pad=False)["input_ids"]
+    with torch.no_grad():
+        cache = returned_cache(model(input_ids=prompt, use_cache=True))
+        cache.crop(-prompt.shape[1])
+        assert cache.get_seq_length() == 0 and cache.layers[0].keys.shape[2] == 3
+        cache.batch_repeat_interleave(2)
+        continued = model(input_ids=prompt.repeat(2, 1), cache=cache).logits
+        fresh = model(input_ids=prompt.repeat(2, 1)).logits
+    torch.testing.assert_close(continued, fresh, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("entry", ["peft_model", "base_model"])
+def test_continuous_batching_is_refused_before_it_runs(entry):
+    model, _, _ = adapted("llama", "sdpa", "mlp")
+    target = model if entry == "peft_model" else model.base_model.model
+    settings = transformers.GenerationConfig(max_new_tokens=3, do_sample=False)
+    with pytest.raises(ValueError, match="Continuous batching .* not supported with PrefixPlus.*Use `generate`"):
+        target.generate_batch(inputs=[[5, 6, 7]], generation_config=settings)
+    with pytest.raises(ValueError, match="Continuous batching"):
+        model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=3, cache_implementation="paged")
+    assert all(config._attn_implementation == "prefix_plus_sdpa" for config in all_configs(model))
+    base = model.unload()  # transformers' own method again
+    assert "init_continuous_batching" not in vars(base)

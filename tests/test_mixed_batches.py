@@ -58,6 +58,8 @@ def row(inputs: dict, i: int) -> dict:
         ("llama", True),
         ("gpt2", False),
         ("gpt2", True),
+        ("opt", False),
+        ("opt", True),
         ("t5", False),
         ("bart", False),
         ("bert", False),
