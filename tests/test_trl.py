@@ -1,4 +1,5 @@
-"""TRL as a first-class path: `SFTTrainer(peft_config=PrefixPlusConfig(...))` on a tiny Llama, and the SFT example."""
+"""TRL as a first-class path: `SFTTrainer` and `DPOTrainer` with `peft_config=PrefixPlusConfig(...)` on a tiny Llama,
+and the SFT example."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import trl
+from datasets import Dataset
 from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,3 +138,59 @@ def test_sft_example_runs(example, tiny_chat_model, tmp_path):
     assert summary["gradient_checkpointing"] and summary["packing"]
     assert (tmp_path / "out" / SAFETENSORS_WEIGHTS_NAME).is_file()
     assert (tmp_path / "out" / CONFIG_NAME).is_file()
+
+
+def test_dpo_trainer_trains_a_prefix_plus_adapter(tiny_chat_model, tmp_path):
+    """`DPOTrainer(peft_config=PrefixPlusConfig(...))` trains the prefix with TRL's default gradient checkpointing
+    (`DPOConfig.gradient_checkpointing` defaults to True in TRL 1.16); the reference log-probs come from the same
+    model with the adapter disabled (`peft_model.disable_adapter()`), as TRL does for a new PEFT adapter."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [
+                "Describe the restaurant in one sentence.",
+                "Name: The Eagle, food: French.",
+                "Area: city centre.",
+            ]
+            * 2,
+            "chosen": [" The Eagle is a French restaurant.", " It serves French food.", " It is in the city centre."]
+            * 2,
+            "rejected": [" No.", " The Eagle is a coffee shop near the river.", " Riverside."] * 2,
+        }
+    )
+    config = trl.DPOConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        max_length=64,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    assert config.gradient_checkpointing  # TRL's default, which stock prefix tuning cannot train with
+    trainer = trl.DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, mlp_hidden_size=16),
+    )
+    assert trainer.ref_model is None  # the reference is the model with its adapter disabled
+    assert list(trainer.model.peft_config) == ["default"]
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert before and all(".prefix_plus_sites.default." in n for n in before)
+
+    trainer.train()
+
+    assert trainer.model.base_model.model.is_gradient_checkpointing
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and math.isfinite(losses[0])
+    # the reference (adapter disabled) differs from the policy, whose prefix starts random: nonzero implicit reward
+    assert trainer.state.log_history[0]["rewards/chosen"] != 0
+    after = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(after[n], value) for n, value in before.items())  # every prefix parameter moved
