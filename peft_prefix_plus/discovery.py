@@ -38,9 +38,16 @@ class AttentionSite:
     position_bias: bool = False
 
 
+#: Keyword argument that the probe adds to a stack's call, to see whether the stack hands it to its attention calls.
+_PROBE_MARKER = "prefix_plus_probe_marker"
+
+
 def _probe_attention(module, query, key, value, attention_mask, **kwargs):
     biased = kwargs.get("position_bias") is not None
-    getattr(module, _PROBE_LOG_ATTR).append((module, query.shape[2], key.shape[2], key.shape[1], key.shape[3], biased))
+    marked = kwargs.pop(_PROBE_MARKER, False)
+    getattr(module, _PROBE_LOG_ATTR).append(
+        (module, query.shape[2], key.shape[2], key.shape[1], key.shape[3], biased, marked)
+    )
     return _eager_function(module)(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -93,6 +100,40 @@ def execution_device(model: nn.Module, module: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+def _probe(model: nn.Module, marked_stacks: tuple[nn.Module, ...] = ()) -> list[tuple]:
+    """Run the probe pass on a meta copy of ``model``; each call made through the interface is logged as
+    ``(module of model, query length, key length, key/value heads, head dim, position bias, marked)``.
+
+    ``marked``: whether the call received the keyword argument added to the calls of ``marked_stacks``.
+    """
+    config = model.config
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    probe = meta_copy(model)
+    originals = dict(zip(map(id, probe.modules()), model.modules(), strict=True))
+    calls: list[tuple] = []
+    for module in probe.modules():
+        object.__setattr__(module, _PROBE_LOG_ATTR, calls)
+    for probe_config in model_configs(probe):  # the copy's own configs
+        probe_config._attn_implementation = _PROBE
+        if getattr(probe_config, "pad_token_id", None) is not None:
+            probe_config.pad_token_id = None  # its padding check reads token values, which meta tensors do not have
+    marked = {id(stack) for stack in marked_stacks}
+    for copied in probe.modules():
+        if id(originals[id(copied)]) in marked:
+            copied.register_forward_pre_hook(
+                lambda module, args, kwargs: (args, {**kwargs, _PROBE_MARKER: True}), with_kwargs=True
+            )
+    vocab = getattr(config, "vocab_size", None) or 2
+    token = min(1, vocab - 1)
+    inputs = {"input_ids": torch.full((1, 5 if is_encoder_decoder else 3), token, device="meta")}
+    if is_encoder_decoder:
+        start = getattr(config, "decoder_start_token_id", None)
+        inputs["decoder_input_ids"] = torch.full((1, 3), token if start is None else start, device="meta")
+    with torch.no_grad():
+        probe.eval()(**inputs)
+    return [(originals[id(call[0])], *call[1:]) for call in calls]
+
+
 def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
     """Find the attention modules of ``model`` and sort them into sites, with one probe pass on the meta device.
 
@@ -117,37 +158,20 @@ def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
     2
     ```
     """
-    config = model.config
-    model_type = getattr(config, "model_type", type(model).__name__)
-    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-    probe = meta_copy(model)
-    calls: list[tuple[nn.Module, int, int, int, int, bool]] = []
-    for module in probe.modules():
-        object.__setattr__(module, _PROBE_LOG_ATTR, calls)
-    for probe_config in model_configs(probe):  # the copy's own configs
-        probe_config._attn_implementation = _PROBE
-        if getattr(probe_config, "pad_token_id", None) is not None:
-            probe_config.pad_token_id = None  # its padding check reads token values, which meta tensors do not have
-    vocab = getattr(config, "vocab_size", None) or 2
-    token = min(1, vocab - 1)
-    inputs = {"input_ids": torch.full((1, 5 if is_encoder_decoder else 3), token, device="meta")}
-    if is_encoder_decoder:
-        start = getattr(config, "decoder_start_token_id", None)
-        inputs["decoder_input_ids"] = torch.full((1, 3), token if start is None else start, device="meta")
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     try:
-        with torch.no_grad():
-            probe.eval()(**inputs)
+        calls = _probe(model)
     except Exception as error:  # noqa: BLE001 - re-raised with the model type named
         raise ValueError(
             f"PrefixPlus could not run its probe forward pass (on the meta device) through {type(model).__name__} "
             f"(model_type={model_type!r}) to find its attention layers: {type(error).__name__}: {error}"
         ) from error
-    originals = dict(zip(map(id, probe.modules()), model.modules(), strict=True))
     found, seen = [], set()
     for call in calls:
         if id(call[0]) not in seen:  # a module called twice (e.g. shared layers) counts once
             seen.add(id(call[0]))
-            found.append((originals[id(call[0])], *call[1:]))
+            found.append(call)
     if not found:
         raise ValueError(
             f"Model type {model_type!r} does not compute attention through transformers' AttentionInterface, so "
@@ -156,7 +180,7 @@ def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
             "see the README's table of tested families."
         )
     sites: dict[str, AttentionSite] = {}
-    for module, q_len, k_len, heads, head_dim, biased in found:
+    for module, q_len, k_len, heads, head_dim, biased, _ in found:
         if not is_encoder_decoder:
             name = "self"
         elif q_len == 5:
@@ -172,3 +196,18 @@ def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
         site.modules.append(module)
         site.position_bias = site.position_bias or biased
     return sites
+
+
+def stack_keywords_reach_attention(model: nn.Module, stacks: list[nn.Module]) -> set[int]:
+    """The attention modules (by ``id``) whose attention function receives a keyword argument given to the call of
+    the stack that runs them (transformers' `**kwargs` route, which Llama, T5 or BART follow and Falcon does not).
+
+    Found with a second probe pass; a stack whose forward refuses an unknown keyword argument delivers to none.
+    """
+    try:
+        calls = _probe(model, tuple(stacks))
+    except Exception:  # noqa: BLE001 - a stack that does not take **kwargs
+        return set()
+    delivered = {id(call[0]) for call in calls if call[-1]}
+    missed = {id(call[0]) for call in calls if not call[-1]}
+    return delivered - missed  # a module called several times must get the keyword every time

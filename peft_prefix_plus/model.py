@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -28,7 +29,7 @@ from .attention import (
     wrap_attention_implementation,
 )
 from .config import PrefixPlusConfig
-from .discovery import AttentionSite, discover_attention_sites, execution_device
+from .discovery import AttentionSite, discover_attention_sites, execution_device, stack_keywords_reach_attention
 from .geometry import layer_indices
 from .kv_cache import PrefixedCacheLayer, cache_layer, seed_prefix_cache
 from .layer import MERGE_INTO_WEIGHTS_MESSAGE, PrefixPlusLayer
@@ -52,6 +53,27 @@ CONTINUOUS_BATCHING_MESSAGE = (
 def _refuse_continuous_batching(*args: Any, **kwargs: Any) -> Any:
     """Stands in for the base model's `init_continuous_batching` while PrefixPlus adapters are attached."""
     raise ValueError(CONTINUOUS_BATCHING_MESSAGE)
+
+
+#: A decoder attention module that seeds its prefix into the generation cache: (site, layer index, cache index).
+Seed = tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """What the pre-hook of one attention stack does.
+
+    Args:
+        sites (`tuple[str, ...]`): The sites whose attention layers the stack runs.
+        mask_positions (`bool`): The stack derives position ids from the attention mask (see `_positions_from_mask`).
+        delivers (`bool`): The stack hands the pass's `PrefixCall` to its attention calls as a keyword argument.
+        seeds (`tuple[Seed, ...]`): The attention modules whose prefix it seeds into an empty generation cache.
+    """
+
+    sites: tuple[str, ...]
+    mask_positions: bool
+    delivers: bool
+    seeds: tuple[Seed, ...]
 
 
 def _attention_stacks(model: nn.Module, sites: dict[str, AttentionSite]) -> list[tuple[nn.Module, tuple[str, ...]]]:
@@ -209,26 +231,40 @@ class PrefixPlusModel(BaseTuner):
         # continuous batching entry point calls `self.init_continuous_batching`, so all refuse before anything runs
         if hasattr(model, CONTINUOUS_BATCHING_ENTRY):
             setattr(model, CONTINUOUS_BATCHING_ENTRY, _refuse_continuous_batching)
-        # Each attention call gets this pass's `PrefixCall` as a keyword argument from a pre-hook on its own module
-        # (an attention module hands its keyword arguments to the attention function; its caller may not). Decoder
+        # Each attention call gets this pass's `PrefixCall` as a keyword argument. Where the stack hands its keyword
+        # arguments down to the attention function (transformers' `**kwargs` route; found by a probe pass), the
+        # stack's pre-hook adds it once per pass; elsewhere (Falcon) a pre-hook on each attention module does. Decoder
         # self- and cross-attention whose own code does not size a position bias from the cached keys seed their
         # prefix into an empty generation cache at their KV cache layer index.
+        delivered = stack_keywords_reach_attention(model, [stack for stack, _ in self._stack_sites])
         self._hooks = []
+        self._module_hooked = []
+        seeds: dict[str, list[Seed]] = {}
         for site, found in sites.items():
-            seeds = site in ("self", "cross") and not found.position_bias
+            seeding = site in ("self", "cross") and not found.position_bias
+            by_stack = all(id(module) in delivered for module in found.modules)
             for index, module in enumerate(found.modules):
                 cache_index = getattr(module, "layer_idx", None)
-                cache_index = cache_index if seeds and isinstance(cache_index, int) else None
-                hook = partial(self._before_attention, site, index, cache_index)
+                seed = (site, index, cache_index) if seeding and isinstance(cache_index, int) else None
+                if by_stack:
+                    seeds.setdefault(site, []).extend([seed] if seed else [])
+                    continue
+                hook = partial(self._before_attention, (seed,) if seed else ())
                 self._hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                self._module_hooked.append(module)
+            if by_stack:
+                seeds.setdefault(site, [])
         # Every entry point passes through each attention stack (the decoder, the encoder): its hook re-checks the
-        # attention implementation and shifts position ids. It keeps nothing; it only rewrites the call's arguments.
-        self._hooks += [
-            stack.register_forward_pre_hook(
-                partial(self._before_stack, stack_sites, _positions_from_mask(stack)), with_kwargs=True
+        # attention implementation, shifts position ids and hands down the `PrefixCall`. It keeps nothing; it only
+        # rewrites the call's arguments.
+        for stack, stack_sites in self._stack_sites:
+            plan = StackPlan(
+                sites=stack_sites,
+                mask_positions=_positions_from_mask(stack),
+                delivers=any(site in seeds for site in stack_sites),
+                seeds=tuple(seed for site in stack_sites for seed in seeds.get(site, ())),
             )
-            for stack, stack_sites in self._stack_sites
-        ]
+            self._hooks.append(stack.register_forward_pre_hook(partial(self._before_stack, plan), with_kwargs=True))
 
     def _check_config(
         self, config: PrefixPlusConfig, sites: dict[str, AttentionSite], lengths: dict[str, int]
@@ -310,25 +346,26 @@ class PrefixPlusModel(BaseTuner):
     def _layer(self) -> PrefixPlusLayer:
         return getattr(self.model, LAYER_ATTR)
 
-    def _before_stack(
-        self, sites: tuple[str, ...], mask_positions: bool, module: nn.Module, args: tuple, kwargs: dict
-    ) -> tuple[tuple, dict]:
-        """Before one attention stack runs: keep PrefixPlus's attention, shift the position ids if configured."""
+    def _before_stack(self, plan: StackPlan, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Before one attention stack runs: keep PrefixPlus's attention, hand down the pass's `PrefixCall` (where the
+        stack delivers keywords to its attention calls), shift the position ids if configured."""
         for config in self._configs:
             wrap_attention_implementation(config)  # a no-op unless the implementation was switched since
         layer = self._layer
         options = kwargs.get(OPTIONS_KWARG) or {}
         kwargs = {key: value for key, value in kwargs.items() if key != OPTIONS_KWARG}
-        if "self" not in sites or self._is_encoder_decoder or layer.disable_adapters or options.get("disabled"):
+        rows = self._rows_of(args, kwargs, options.get("adapter_names"))
+        if plan.delivers:
+            kwargs[CALL_KWARG] = self._prefix_call(options, rows, _cache_argument(kwargs), plan.seeds)
+        if "self" not in plan.sites or self._is_encoder_decoder or layer.disable_adapters or options.get("disabled"):
             return args, kwargs
         self._check_cache_length(args, kwargs)
-        rows = self._rows_of(args, kwargs, options.get("adapter_names"))
         if rows is not None:
             offsets = [layer.adapter_length(name, "self") if self._offsets(name) else 0 for name in rows]
             if any(offsets):
-                kwargs = self._offset_position_ids(args, kwargs, torch.tensor(offsets)[:, None], mask_positions)
+                kwargs = self._offset_position_ids(args, kwargs, torch.tensor(offsets)[:, None], plan.mask_positions)
         elif self._uses_position_offset():
-            kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"), mask_positions)
+            kwargs = self._offset_position_ids(args, kwargs, layer.active_length("self"), plan.mask_positions)
         return args, kwargs
 
     def _check_cache_length(self, args: tuple, kwargs: dict) -> None:
@@ -344,38 +381,44 @@ class PrefixPlusModel(BaseTuner):
             raise ValueError(REBUILT_CACHE_MESSAGE.format(extra=extra))
 
     def _before_attention(
-        self, site: str, index: int, cache_index: Optional[int], module: nn.Module, args: tuple, kwargs: dict
+        self, seeds: tuple[Seed, ...], module: nn.Module, args: tuple, kwargs: dict
     ) -> tuple[tuple, dict]:
-        """Hand this call's `PrefixCall` to the attention function; seed an empty generation cache layer."""
+        """Hand this call's `PrefixCall` to the attention function of a module whose stack does not deliver it."""
         options = kwargs.get(OPTIONS_KWARG) or {}
         cache = next((value for value in (*kwargs.values(), *args) if isinstance(value, Cache)), None)
         hidden = args[0] if args else kwargs.get("hidden_states")
         rows = self._rows_of((hidden,), {}, options.get("adapter_names"))
+        kwargs = {key: value for key, value in kwargs.items() if key != OPTIONS_KWARG}
+        kwargs[CALL_KWARG] = self._prefix_call(options, rows, cache, seeds)
+        return args, kwargs
+
+    def _prefix_call(
+        self, options: dict, rows: Optional[tuple[str, ...]], cache: Any, seeds: tuple[Seed, ...]
+    ) -> PrefixCall:
+        """This call's `PrefixCall`; first, the empty generation cache layers of ``seeds`` get their prefix, and a
+        cache seeded by another model is refused (before any module writes to it, so it stays usable by its own)."""
         call = PrefixCall(
             rows=rows, cache=cache, disabled=options.get("disabled", False), capture=options.get("capture")
         )
-        if cache_index is not None and cache is not None:
-            found = cache_layer(cache, site, cache_index)
-            # refused before the module writes to the cache, so that the cache stays usable by its own model
-            if isinstance(found, PrefixedCacheLayer) and found.owner is not self._layer.cache_owner:
-                raise ValueError(FOREIGN_CACHE_MESSAGE)
-            empty = found is None or (type(found) is DynamicLayer and not found.is_initialized)
-            if empty and self.seeds_kv_cache and not call.disabled and not torch.is_grad_enabled():
-                self._seed_cache(cache, site, index, cache_index, rows)
-        kwargs = {key: value for key, value in kwargs.items() if key != OPTIONS_KWARG}
-        kwargs[CALL_KWARG] = call
-        return args, kwargs
-
-    def _seed_cache(
-        self, cache: Any, site: str, index: int, cache_index: int, rows: Optional[tuple[str, ...]]
-    ) -> None:
-        """Write this layer's prefix into the front of its empty generation cache layer (see `kv_cache`)."""
+        if cache is None or not seeds:
+            return call
         layer = self._layer
-        prefix = layer.prefix_for(site, index, rows)
-        if prefix is not None:
-            seed_prefix_cache(
-                cache, [(site, cache_index, prefix[:2])], owner=layer.cache_owner, state=layer.prefix_state(rows)
-            )
+        seeding = self.seeds_kv_cache and not call.disabled and not torch.is_grad_enabled()
+        for site, index, cache_index in seeds:
+            found = cache_layer(cache, site, cache_index)
+            if isinstance(found, PrefixedCacheLayer):
+                if found.owner is not layer.cache_owner:
+                    raise ValueError(FOREIGN_CACHE_MESSAGE)
+            elif seeding and (found is None or (type(found) is DynamicLayer and not found.is_initialized)):
+                prefix = layer.prefix_for(site, index, rows)
+                if prefix is not None:
+                    seed_prefix_cache(
+                        cache,
+                        [(site, cache_index, prefix[:2])],
+                        owner=layer.cache_owner,
+                        state=layer.prefix_state(rows),
+                    )
+        return call
 
     @staticmethod
     def _rows_of(args: tuple, kwargs: dict, names: Optional[list[str]]) -> Optional[tuple[str, ...]]:
@@ -384,8 +427,8 @@ class PrefixPlusModel(BaseTuner):
         if names is None:
             return None
         tokens = kwargs.get("input_ids", args[0] if args else None)
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
+        for name in ("inputs_embeds", "hidden_states"):  # a stack may take embeddings or hidden states instead
+            tokens = kwargs.get(name) if tokens is None else tokens
         if not isinstance(tokens, torch.Tensor):
             return tuple(names)
         batch = tokens.shape[0]
@@ -452,8 +495,7 @@ class PrefixPlusModel(BaseTuner):
         def add_options(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             return args, {**kwargs, OPTIONS_KWARG: options}
 
-        modules = [stack for stack, _ in self._stack_sites]
-        modules += [module for found in self._sites.values() for module in found.modules]
+        modules = [stack for stack, _ in self._stack_sites] + self._module_hooked
         handles = [module.register_forward_pre_hook(add_options, with_kwargs=True, prepend=True) for module in modules]
         try:
             yield
