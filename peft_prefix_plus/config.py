@@ -45,12 +45,14 @@ class PrefixPlusConfig(PeftConfig):
             stack (encoder or decoder). `None` means all layers.
         offset_position_ids (`bool`): If `True`, the position ids of real tokens start at the prefix length, as in
             stock PEFT prefix tuning (needed for identical outputs). Decoder-only models only.
-        init_weights (`str`): `"random"`, `"zero"` or `"text"`. `"zero"` makes the initial prefixes zero: with a
+        init_weights (`str`): `"random"`, `"zero"` or `"text"` (PEFT's booleans `True`/`False` mean `"random"`,
+            the default). `"zero"` makes the initial prefixes zero: with a
             projection the last MLP layer starts at zero, otherwise the raw prefixes do. Note that zero keys still
             receive attention, so a zero prefix is not an identity. `"text"` (Li & Liang's initialisation from real
             words) runs the base model once on `init_text` and makes the keys and values every attention layer
             computes for it the initial prefixes, at every site; with a projection they are kept as a fixed
-            `prefix_init` buffer that the MLP, whose last layer starts at zero, learns to correct.
+            `prefix_init` buffer that the MLP, whose last layer starts at zero, learns to correct. The text pass runs
+            whenever an adapter is created (also with `inference_mode=True`), never when a saved one is loaded.
         init_text (`str`, *optional*): The text for `init_weights="text"`. Its tokens are repeated cyclically, or
             truncated, to the configured prefix length.
         tokenizer_name_or_path (`str`, *optional*): The tokenizer for `init_text`; `None` means the base model's
@@ -161,6 +163,15 @@ class PrefixPlusConfig(PeftConfig):
         metadata={"help": "Not used: PrefixPlus reaches attention through transformers' AttentionInterface."},
     )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        """Load a saved config, marked as loaded: the adapter it creates takes its prefixes from the saved weights, so
+        `init_weights="text"` runs no text pass (and needs no tokenizer) when it is loaded."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, PrefixPlusConfig):
+            config._loaded = True
+        return config
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType[PEFT_TYPE_NAME]
@@ -186,6 +197,10 @@ class PrefixPlusConfig(PeftConfig):
         dropout = self.prefix_dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"`prefix_dropout` must be a number in [0, 1), got {dropout!r}.")
+        if isinstance(self.init_weights, bool):
+            # PEFT's convention: True = the method's default initialisation, False = random (for tests); both are
+            # PrefixPlus's random initialisation, which is saved as "random"
+            self.init_weights = "random"
         if not isinstance(self.init_weights, str) or self.init_weights not in INIT_WEIGHTS:
             raise ValueError(f"`init_weights` must be one of {INIT_WEIGHTS}, got {self.init_weights!r}.")
         if self.init_weights == "text":

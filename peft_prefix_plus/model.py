@@ -150,6 +150,11 @@ class PrefixPlusModel(BaseTuner):
         config: PrefixPlusConfig = self.peft_config[adapter_name]
         if not isinstance(config, PrefixPlusConfig):
             raise ValueError(f"PrefixPlusModel needs a PrefixPlusConfig, got {type(config).__name__}.")
+        if adapter_name == "__base__":
+            raise ValueError(
+                "'__base__' is reserved: in `adapter_names` it marks the rows that get no prefix. Choose another "
+                "adapter name."
+            )
         sites = self._discover(model)
         lengths = config.site_lengths(self._is_encoder_decoder)
         self._check_config(config, sites, lengths)  # before anything in the model changes
@@ -159,8 +164,10 @@ class PrefixPlusModel(BaseTuner):
         }
         layer: PrefixPlusLayer = getattr(model, LAYER_ATTR)
         layer.update_layer(adapter_name, config, lengths, site_layers)
-        # as PEFT's prompt tuning does, skip the text pass when loading for inference: the saved prefixes replace it
-        if config.init_weights == "text" and not (config.inference_mode or low_cpu_mem_usage or config.merged_from):
+        # the text pass runs when an adapter is created, not when a saved one is loaded (its prefixes replace it, and
+        # loading needs no tokenizer); an adapter created on the meta device (low_cpu_mem_usage) gets its weights later
+        loaded = getattr(config, "_loaded", False) or config.merged_from
+        if config.init_weights == "text" and not (loaded or low_cpu_mem_usage):
             initialise_from_text(model, self.call_options, layer, adapter_name, config)
         super().inject_adapter(
             model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage

@@ -238,3 +238,19 @@ def test_mixed_dtypes_are_refused_at_load(tmp_path):
     edit_embedding(path, lambda t: t.to(torch.float16))
     with pytest.raises(ValueError, match=r"mix dtypes \['torch.float16', 'torch.float32'\]"):
         PeftModel.from_pretrained(tiny_model("llama")[0], path)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_peft_boolean_init_weights_mean_the_default_random_initialisation(value):
+    assert PrefixPlusConfig(task_type="CAUSAL_LM", init_weights=value).init_weights == "random"
+
+
+@pytest.mark.parametrize("how", ["get_peft_model", "add_adapter"])
+def test_the_reserved_adapter_name_is_refused(how):
+    base = tiny_model("llama")[0]
+    config = PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    with pytest.raises(ValueError, match="'__base__' is reserved.*Choose another adapter name"):
+        if how == "get_peft_model":
+            get_peft_model(base, config, adapter_name="__base__")
+        else:
+            get_peft_model(base, config).add_adapter("__base__", copy.deepcopy(config))

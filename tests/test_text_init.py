@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import VOCAB, tiny_model
@@ -138,3 +140,36 @@ def test_a_missing_tokenizer_is_named(tmp_path):
     )
     with pytest.raises(ValueError, match="could not load the tokenizer .*tokenizer_name_or_path"):
         get_peft_model(tiny_model("llama")[0], config)
+
+
+def test_an_adapter_created_for_inference_still_starts_from_the_text(tokenizer_dir):
+    """`inference_mode=True` in `get_peft_model` creates an adapter: the text pass runs (loading one does not)."""
+    base, task = tiny_model("llama")
+    trained = get_peft_model(base, text_config(task, tokenizer_dir, prefix_projection=False))
+    expected = encoder_of(trained).prefix.detach().clone()
+    created = get_peft_model(
+        tiny_model("llama")[0], text_config(task, tokenizer_dir, prefix_projection=False, inference_mode=True)
+    )
+    assert torch.equal(encoder_of(created).prefix, expected)
+
+
+@pytest.mark.parametrize("how", ["is_trainable", "load_adapter"])
+def test_loading_a_text_initialised_adapter_needs_no_tokenizer(how, tmp_path, tokenizer_dir):
+    """The saved prefixes replace the text pass, so the tokenizer may be gone by the time the adapter is loaded."""
+    tokenizer_copy = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, tokenizer_copy)
+    base, task = tiny_model("llama")
+    model = get_peft_model(base, text_config(task, str(tokenizer_copy), prefix_projection=False))
+    with torch.no_grad():
+        encoder_of(model).prefix.add_(1.0)  # trained: no longer the text's states
+    model.save_pretrained(tmp_path / "adapter")
+    shutil.rmtree(tokenizer_copy)
+    if how == "is_trainable":
+        loaded = PeftModel.from_pretrained(tiny_model("llama")[0], tmp_path / "adapter", is_trainable=True)
+        name = "default"
+    else:
+        other = get_peft_model(tiny_model("llama")[0], PrefixPlusConfig(task_type=task, num_virtual_tokens=2))
+        other.load_adapter(tmp_path / "adapter", adapter_name="loaded")
+        loaded, name = other, "loaded"
+    weight = loaded.base_model.model.prefix_plus_layer.prefix_plus_sites[name]["self"].prefix
+    assert torch.equal(weight, encoder_of(model).prefix)
