@@ -12,14 +12,17 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from .config import PrefixPlusConfig
+from .discovery import execution_device
 from .layer import PrefixPlusLayer
 
 
-def text_token_ids(model: nn.Module, config: PrefixPlusConfig) -> torch.Tensor:
-    """Tokenize ``config.init_text`` (without special tokens) with ``config.tokenizer_name_or_path`` or the model's.
+def text_token_ids(model: nn.Module, config: PrefixPlusConfig, length: int) -> torch.Tensor:
+    """Tokenize ``config.init_text`` (without special tokens) with ``config.tokenizer_name_or_path`` or the model's,
+    keeping the first ``length`` tokens (the longest prefix uses no more; a shorter text is repeated later).
 
     Raises:
-        ValueError: If no tokenizer can be loaded, or the text has no tokens.
+        ValueError: If no tokenizer can be loaded, the text has no tokens, or a token id is outside the model's
+            vocabulary.
     """
     name = config.tokenizer_name_or_path or getattr(model.config, "name_or_path", None)
     if not name:
@@ -37,6 +40,15 @@ def text_token_ids(model: nn.Module, config: PrefixPlusConfig) -> torch.Tensor:
     ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"`init_text` {config.init_text!r} has no tokens for the tokenizer {name!r}.")
+    ids = ids[:length]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None and max(ids) >= vocab:
+        raise ValueError(
+            f"The tokenizer {name!r} gives `init_text` {config.init_text!r} token id {max(ids)}, but the model's "
+            f"vocabulary has {vocab} tokens (ids 0 to {vocab - 1}): the tokenizer does not belong to this model. Set "
+            "`tokenizer_name_or_path` to the base model's tokenizer."
+        )
     return torch.tensor([ids])
 
 
@@ -55,7 +67,7 @@ def capture_key_values(
         call_options (`Callable`): The tuner's `PrefixPlusModel.call_options`.
         input_ids (`torch.Tensor`): ``(1, length)``.
     """
-    device = next(model.parameters()).device
+    device = execution_device(model, model.get_input_embeddings())
     inputs = {"input_ids": input_ids.to(device), "use_cache": False}
     if getattr(model.config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = inputs["input_ids"]
@@ -96,7 +108,10 @@ def initialise_from_text(
     >>> model = get_peft_model(base, config)  # calls initialise_from_text
     ```
     """
-    captured = capture_key_values(model, call_options, text_token_ids(model, config))
+    length = max((encoder.shape[3] for encoder in layer.prefix_plus_sites[adapter_name].values()), default=0)
+    if not length:
+        return
+    captured = capture_key_values(model, call_options, text_token_ids(model, config, length))
     for site, encoder in layer.prefix_plus_sites[adapter_name].items():
         length = encoder.shape[3]
         pairs = []
