@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
-from peft.utils.constants import DUMMY_TARGET_MODULES
+from peft.utils.constants import DUMMY_TARGET_MODULES, SAFETENSORS_WEIGHTS_NAME
 from transformers.activations import ACT2FN
 
 from .peft_type import PEFT_TYPE_NAME, add_peft_type_member
@@ -166,7 +167,15 @@ class PrefixPlusConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """Load a saved config, marked as loaded: the adapter it creates takes its prefixes from the saved weights, so
-        `init_weights="text"` runs no text pass (and needs no tokenizer) when it is loaded."""
+        `init_weights="text"` runs no text pass (and needs no tokenizer) when it is loaded. A local adapter directory
+        is first validated against its safetensors header (`files.read.check_prefix_plus_adapter`)."""
+        directory = Path(pretrained_model_name_or_path, subfolder or "")
+        if (directory / SAFETENSORS_WEIGHTS_NAME).is_file():
+            # a local adapter is checked against its safetensors header before anything is built from its config:
+            # an absurd edited config is refused at once, and no base-model tensor planted in the file is loaded
+            from .files.read import check_prefix_plus_adapter
+
+            check_prefix_plus_adapter(directory)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if isinstance(config, PrefixPlusConfig):
             config._loaded = True

@@ -630,6 +630,19 @@ class PrefixPlusModel(BaseTuner):
         cls, model: nn.Module, config: PrefixPlusConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """PEFT's key remapping at load, preceded by the check that the saved tensors match the adapter's config."""
+        from .files.read import is_modules_to_save_key  # the file tools import this module
+
+        foreign = [
+            key
+            for key in state_dict
+            if f"{LAYER_ATTR}." not in key and not is_modules_to_save_key(key, config.modules_to_save)
+        ]
+        if foreign:
+            raise ValueError(
+                f"The saved weights of PrefixPlus adapter {adapter_name!r} hold tensors that are neither PrefixPlus "
+                f"tensors nor `modules_to_save` copies: {foreign[:5]}. Loading them would overwrite the base model's "
+                "weights; remove them from adapter_model.safetensors, or declare their modules in `modules_to_save`."
+            )
         layer = next((m for m in model.modules() if isinstance(m, PrefixPlusLayer)), None)
         if layer is not None and adapter_name in layer.prefix_plus_sites:
             marker = f"{LAYER_ATTR}.prefix_plus_sites."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -187,15 +188,52 @@ def edit_embedding(path, change) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"mlp_depth": 2}, r"missing \['self.mlp.4.bias', 'self.mlp.4.weight'\]"),
-        ({"prefix_projection": False}, r"missing \['self.prefix'\].*not called for by the config"),
-        ({"num_virtual_tokens": 5}, r"shape"),
+        ({"mlp_depth": 2}, r"mlp_depth is 2, but the file holds an MLP of depth 1"),
+        ({"prefix_projection": False}, r"prefix_projection is false, but the file holds MLP tensors"),
+        ({"num_virtual_tokens": 5}, r"calls for 5 PrefixPlus tensors with 1,440 values.*does not match the weights"),
+        ({"mlp_depth": 50000}, r"mlp_depth is 50000"),
+        ({"num_virtual_tokens": 2**40}, r"does not match the weights"),
     ],
 )
 def test_weights_that_do_not_match_a_hand_edited_config_are_refused_at_load(tmp_path, edit, message):
+    """Checked against the safetensors header before anything is built (an absurd config costs nothing)."""
     path = saved_adapter(tmp_path)
     edit_config(path, edit)
-    with pytest.raises(ValueError, match=rf"do not match its config: .*{message}"):
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(tiny_model("llama")[0], path)
+    assert time.perf_counter() - started < 5, "the edited config was built before it was refused"
+
+
+def test_the_in_model_check_names_weights_that_do_not_match(tmp_path):
+    """The second line, for adapters whose files are not checked first (the Hub): the loaded tensors themselves."""
+    path = saved_adapter(tmp_path)
+    model = PeftModel.from_pretrained(tiny_model("llama")[0], path)
+    layer = model.base_model.model.prefix_plus_layer
+    with pytest.raises(ValueError, match=r"do not match its config: .*missing \['self.mlp.0.bias'"):
+        layer.check_saved_weights("default", {"self.embedding.weight": torch.zeros(3, 16)})
+
+
+def test_a_base_model_tensor_planted_in_the_adapter_file_is_refused(tmp_path):
+    path = saved_adapter(tmp_path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.weight"] = torch.zeros(100, 32)
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"neither PrefixPlus tensors nor modules_to_save.*lm_head.weight"):
+        PeftModel.from_pretrained(tiny_model("llama")[0], path)
+    # the same check where PEFT remaps the loaded state dict (adapters whose directory is not local)
+    model = get_peft_model(tiny_model("llama")[0], PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(ValueError, match=r"neither PrefixPlus tensors nor `modules_to_save`.*lm_head.weight"):
+        model.base_model._remap_adapter_state_dict_for_load(
+            model.base_model.model, model.peft_config["default"], "default", tensors
+        )
+
+
+def test_an_oversized_config_file_is_refused_unread(tmp_path):
+    path = saved_adapter(tmp_path)
+    config = (path / "adapter_config.json").read_text()
+    (path / "adapter_config.json").write_text(config[:-1] + " " * (2 << 20) + "}")
+    with pytest.raises(ValueError, match=r"adapter_config.json is \d+ bytes; .*at most 1048576"):
         PeftModel.from_pretrained(tiny_model("llama")[0], path)
 
 
@@ -210,7 +248,7 @@ def test_non_finite_weights_warn_at_load(tmp_path, value):
 def test_integer_weights_are_refused_at_load(tmp_path):
     path = saved_adapter(tmp_path)
     edit_embedding(path, lambda t: t.to(torch.int8))
-    with pytest.raises(ValueError, match="self.embedding.weight has dtype torch.int8"):
+    with pytest.raises(ValueError, match="self.embedding.weight' has dtype I8; adapter tensors must be floating"):
         PeftModel.from_pretrained(tiny_model("llama")[0], path)
 
 
@@ -236,7 +274,7 @@ def test_other_adapter_types_load_as_before(tmp_path):
 def test_mixed_dtypes_are_refused_at_load(tmp_path):
     path = saved_adapter(tmp_path)
     edit_embedding(path, lambda t: t.to(torch.float16))
-    with pytest.raises(ValueError, match=r"mix dtypes \['torch.float16', 'torch.float32'\]"):
+    with pytest.raises(ValueError, match=r"mixes dtypes \['torch.float16', 'torch.float32'\]"):
         PeftModel.from_pretrained(tiny_model("llama")[0], path)
 
 

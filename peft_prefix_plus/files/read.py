@@ -67,6 +67,10 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+#: The largest ``adapter_config.json`` read (1 MiB): a real one is a few kilobytes.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_config_dict(directory: PathLike) -> dict[str, Any]:
     """Read ``adapter_config.json`` of a saved adapter as a dict with a ``peft_type``.
 
@@ -89,6 +93,12 @@ def read_config_dict(directory: PathLike) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise AdapterFileError(f"{path} is missing: {directory} does not hold an adapter saved with save_pretrained.")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterFileError(
+            f"{path} is {size} bytes; an adapter config is a few kilobytes (at most {MAX_CONFIG_BYTES} bytes are "
+            "read). The file is corrupt or not an adapter config: restore the one saved with the adapter."
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except RecursionError as error:
@@ -392,6 +402,61 @@ def _check_shapes(config: PrefixPlusConfig, geometry: dict, header: dict[str, Te
         )
 
 
+def check_prefix_plus_adapter(
+    directory: PathLike,
+) -> tuple[dict[str, Any], dict[str, TensorInfo], PrefixPlusConfig, dict]:
+    """Validate a saved PrefixPlus adapter from its config and the safetensors header alone, reading no tensor data.
+
+    The checks of `read_prefix_plus_adapter` before it loads the tensors: the config (size, PEFT's loader and
+    `PrefixPlusConfig.__post_init__`, a `peft_type` that contradicts the tensors), the dtypes, the number of tensors
+    and values against the config (by arithmetic, so an absurd config is refused at once), every name and shape, and
+    no tensor that is neither a PrefixPlus tensor nor a declared ``modules_to_save`` copy. `PeftModel.from_pretrained`
+    runs it through `PrefixPlusConfig.from_pretrained` before it builds anything.
+
+    Args:
+        directory (`str` or `os.PathLike`): The adapter directory.
+
+    Returns:
+        `tuple`: The raw config dict, the header, the `PrefixPlusConfig` and the adapter geometry.
+
+    Raises:
+        AdapterFileError: Naming the problem.
+
+    Example:
+
+    ```py
+    >>> raw, header, config, geometry = check_prefix_plus_adapter("my-adapter")
+    >>> config.num_virtual_tokens
+    8
+    ```
+    """
+    directory = Path(directory)
+    raw = read_config_dict(directory)
+    header = read_tensor_header(directory)
+    where = directory / CONFIG_NAME
+    config = _prefix_plus_config(raw, header, where)
+    try:
+        geometry = adapter_geometry(config)
+    except ValueError as error:
+        raise AdapterFileError(f"{where}: {error}") from error
+    extra = [key for key in header if not key.startswith(KEY_PREFIX)]
+    unexpected = [key for key in extra if not is_modules_to_save_key(key, raw.get("modules_to_save"))]
+    if unexpected:
+        raise AdapterFileError(
+            f"{directory / SAFETENSORS_WEIGHTS_NAME} holds tensors that are neither PrefixPlus tensors nor "
+            f"modules_to_save: {unexpected[:5]}. Loading them would overwrite the base model's weights; remove them "
+            "from the file, or declare their modules in `modules_to_save`."
+        )
+    dtypes = sorted({str(info.dtype) for key, info in header.items() if key.startswith(KEY_PREFIX)})
+    if len(dtypes) > 1:
+        raise AdapterFileError(
+            f"{directory / SAFETENSORS_WEIGHTS_NAME} mixes dtypes {dtypes}; one adapter must use one dtype. The file "
+            "is corrupt or was edited."
+        )
+    _check_shapes(config, geometry, header, where)
+    return raw, header, config, geometry
+
+
 def read_prefix_plus_adapter(directory: PathLike) -> PrefixPlusFiles:
     """Read and validate a saved PrefixPlus adapter; the one entry point every file tool uses.
 
@@ -417,28 +482,7 @@ def read_prefix_plus_adapter(directory: PathLike) -> PrefixPlusFiles:
     ```
     """
     directory = Path(directory)
-    raw = read_config_dict(directory)
-    header = read_tensor_header(directory)
-    where = directory / CONFIG_NAME
-    config = _prefix_plus_config(raw, header, where)
-    try:
-        geometry = adapter_geometry(config)
-    except ValueError as error:
-        raise AdapterFileError(f"{where}: {error}") from error
-    extra = [key for key in header if not key.startswith(KEY_PREFIX)]
-    unexpected = [key for key in extra if not is_modules_to_save_key(key, raw.get("modules_to_save"))]
-    if unexpected:
-        raise AdapterFileError(
-            f"{directory / SAFETENSORS_WEIGHTS_NAME} holds tensors that are neither PrefixPlus tensors nor "
-            f"modules_to_save: {unexpected[:5]}."
-        )
-    dtypes = sorted({str(info.dtype) for key, info in header.items() if key.startswith(KEY_PREFIX)})
-    if len(dtypes) > 1:
-        raise AdapterFileError(
-            f"{directory / SAFETENSORS_WEIGHTS_NAME} mixes dtypes {dtypes}; one adapter must use one dtype. The file "
-            "is corrupt or was edited."
-        )
-    _check_shapes(config, geometry, header, where)
+    raw, header, config, geometry = check_prefix_plus_adapter(directory)
     loaded, metadata = load_tensors(directory, list(header))
     tensors = {key[len(KEY_PREFIX) :]: t for key, t in loaded.items() if key.startswith(KEY_PREFIX)}
     extras = {key: t for key, t in loaded.items() if not key.startswith(KEY_PREFIX)}
