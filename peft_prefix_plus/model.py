@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any, Optional, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, _delete_auxiliary_adapter
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter
 from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
@@ -590,6 +590,28 @@ class PrefixPlusModel(BaseTuner):
         layer.delete_adapter(adapter_name)
         self.active_adapter = layer.active_adapters[:]
         _delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=self.active_adapter)
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: prefixes are attended, not added, so a weighted sum of two adapters' keys and values means nothing.
+
+        Raises:
+            ValueError: Always, naming the way to combine adapters: activate several at once.
+        """
+        raise ValueError(
+            "`add_weighted_adapter` is not supported for PrefixPlus adapters: a prefix is a set of extra keys and "
+            "values that attention reads, and a weighted sum of two prefixes is not a combination of what they do. "
+            "To use several adapters together, activate them at once, e.g. "
+            "`peft_model.base_model.set_adapter(['a', 'b'])`: their prefixes are concatenated at every layer."
+        )
+
+    def foreign_adapter_modules(self) -> list[str]:
+        """The modules that carry another PEFT method's adapter layers (e.g. LoRA put in by
+        `inject_adapter_in_model`), whose weights PrefixPlus's `save_pretrained` does not write."""
+        return [
+            name
+            for name, module in self.model.named_modules()
+            if isinstance(module, BaseTunerLayer) and not isinstance(module, PrefixPlusLayer)
+        ]
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(MERGE_INTO_WEIGHTS_MESSAGE)

@@ -292,3 +292,21 @@ def test_the_reserved_adapter_name_is_refused(how):
             get_peft_model(base, config, adapter_name="__base__")
         else:
             get_peft_model(base, config).add_adapter("__base__", copy.deepcopy(config))
+
+
+def test_add_weighted_adapter_is_refused_with_the_way_to_combine_adapters():
+    model = get_peft_model(tiny_model("llama")[0], PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    model.add_adapter("other", PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(ValueError, match=r"add_weighted_adapter.*not supported.*set_adapter\(\['a', 'b'\]\)"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mixed")
+
+
+def test_saving_warns_about_lora_layers_put_in_by_hand(tmp_path):
+    from peft import inject_adapter_in_model
+
+    model = get_peft_model(tiny_model("llama")[0], PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    inject_adapter_in_model(LoraConfig(target_modules=["q_proj"]), model.base_model.model, adapter_name="lora")
+    with pytest.warns(UserWarning, match=r"2 module\(s\) .*another PEFT method's adapter layers.*q_proj.*not in"):
+        model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and not any("lora" in key for key in saved)  # the warning tells the truth

@@ -311,6 +311,16 @@ def install_peft_hooks() -> None:
     def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
         if not is_prefix_plus_model(self):
             return stock_create_or_update_model_card(self, output_dir)
+        foreign = self.base_model.foreign_adapter_modules()
+        if foreign:  # save_pretrained calls this hook: warn there
+            warnings.warn(
+                f"{len(foreign)} module(s) of this PrefixPlus model carry another PEFT method's adapter layers (e.g. "
+                f"{foreign[:3]}), put in by hand (`inject_adapter_in_model`); `save_pretrained` wrote only the "
+                "PrefixPlus tensors, so those weights are not in the saved adapter. Save them separately, e.g. with "
+                "`peft.get_peft_model_state_dict` and `safetensors.torch.save_file`.",
+                UserWarning,
+                stacklevel=3,
+            )
         card.create_or_update_model_card(self, output_dir, peft_writer=stock_create_or_update_model_card)
 
     push_to_hub.__doc__ = (
