@@ -7,10 +7,14 @@
   directory writer, with a manifest of every file the save wrote. The checkpoint root records the saves in the order
   they completed (`checkpoints.json`), so `"latest"` is the most recent save, also after a rollback; `total_limit`
   prunes the oldest saves by first renaming them out of the listed set, then deleting them.
-- [`list_checkpoints`], [`resolve_checkpoint`]: only complete checkpoints (every file of the manifest present).
-- [`load_checkpoint`]: refuses an incomplete checkpoint, one of another adapter configuration, and any pickled file
-  that torch's `weights_only` unpickler refuses (a tampered file is never run, and never silently skipped), then
-  restores it with `accelerator.load_state`.
+  One run saves into a folder: it is locked for the saving process (`.checkpoints.lock`), and a second run is refused
+  ("written by another process") before it writes anything. A failed save (a full disk) says what failed and where;
+  nothing of it is kept and the earlier checkpoints are intact.
+- [`list_checkpoints`], [`resolve_checkpoint`]: only complete checkpoints (every file of the manifest present); a
+  malformed `checkpoints.json` is a clear error naming it (the next save rewrites it).
+- [`load_checkpoint`]: refuses an incomplete checkpoint, one of another adapter configuration (shapes,
+  `init_weights`, `modules_to_save`), and any pickled file that torch's `weights_only` unpickler refuses (a tampered
+  file is never run, and never silently skipped), then restores it with `accelerator.load_state`.
 
 Example:
 
@@ -26,22 +30,32 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import socket
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from accelerate.utils import load as accelerate_load
 from peft import PeftConfig, PeftModel, load_peft_weights, set_peft_model_state_dict
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from safetensors import SafetensorError
 
-from .files.write import atomic_directory, atomic_file  # the package's one atomic writer
+from .files.errors import AdapterFileError
+from .files.write import atomic_directory, atomic_file, temporary_sibling  # the package's one atomic writer
+
+try:  # the lock that keeps a second run out of a checkpoint folder; without it (Windows) nothing is locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,9 +64,14 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
 #: In the checkpoint root: the checkpoints in the order their saves completed; the last one is `"latest"`.
 RECORD_FILE = "checkpoints.json"
+#: In the checkpoint root: locked by the process saving checkpoints into it (and naming it) for as long as it runs, so
+#: that a second run saving into the same folder is refused instead of deleting or overwriting the first run's files.
+LOCK_FILE = ".checkpoints.lock"
 #: Files that hold no pickle: everything else in a checkpoint is checked with torch's `weights_only` unpickler.
 _NOT_PICKLED = (".json", ".safetensors", ".md")
-#: Fields of an adapter config that decide the shapes (or the meaning) of the trained parameters.
+#: Fields of an adapter config that decide the shapes, the meaning or the set of the trained parameters: they must be
+#: the same when a checkpoint is resumed (`init_weights="text"` adds the saved `prefix_init` the MLP's output is added
+#: to; `modules_to_save` decides which copies of base-model modules are trained, saved and restored).
 SHAPE_FIELDS = (
     "peft_type",
     "task_type",
@@ -67,6 +86,8 @@ SHAPE_FIELDS = (
     "offset_position_ids",
     "site_shapes",
     "token_dim",
+    "init_weights",
+    "modules_to_save",
 )
 
 
@@ -84,8 +105,16 @@ def _json_ready(config: PeftConfig) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict(), default=str))
 
 
+def _comparable(field: str, value: Any) -> Any:
+    """A config value as resumption compares it: `modules_to_save` as a set (no module and an empty list alike)."""
+    if field == "modules_to_save" and isinstance(value, (list, tuple)):
+        return sorted({str(name) for name in value}) or None
+    return value
+
+
 def check_checkpoint_compatible(checkpoint: PathLike, model: Union[PeftModel, PeftConfig]) -> None:
-    """Refuse a checkpoint whose adapters differ in shape from the model's, before anything is loaded.
+    """Refuse a checkpoint whose adapters differ from the model's in a field of `SHAPE_FIELDS` (shapes,
+    `init_weights`, `modules_to_save`), before anything is loaded.
 
     Args:
         checkpoint (`str` or `os.PathLike`): A checkpoint written by [`save_checkpoint`] (or the folder of one model
@@ -117,7 +146,7 @@ def check_checkpoint_compatible(checkpoint: PathLike, model: Union[PeftModel, Pe
             continue
         current = _json_ready(config)
         for field in SHAPE_FIELDS:
-            if saved.get(field) != current.get(field):
+            if _comparable(field, saved.get(field)) != _comparable(field, current.get(field)):
                 prefix = "" if len(configs) == 1 else f"adapter {name!r}, "
                 problems.append(f"{prefix}{field}: checkpoint {saved.get(field)!r}, now {current.get(field)!r}")
     if problems:
@@ -258,19 +287,73 @@ def checkpoint_problems(checkpoint: PathLike) -> list[str]:
     return [f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"] if missing else []
 
 
+def _bad_record(path: Path, why: str, problem: str = "is malformed") -> CheckpointError:
+    return CheckpointError(
+        f"The record of saves {path} {problem}: {why}. It only orders the checkpoints (the last one is "
+        '"latest"); the checkpoint folders themselves are intact. Delete it (the complete checkpoints are then listed '
+        'by step) or fix it to the form {"latest": "checkpoint-<step>", "saved": ["checkpoint-<step>", ...]} (oldest '
+        "save first); the next save_checkpoint rewrites it."
+    )
+
+
 def _read_record(root: Path) -> list[str]:
+    """The names `checkpoints.json` records, oldest save first; `[]` when there is no record yet.
+
+    Raises:
+        CheckpointError: If the record is unreadable or not of the form `save_checkpoint` writes, naming the file and
+            the way out.
+    """
+    path = root / RECORD_FILE
     try:
-        record = json.loads((root / RECORD_FILE).read_text(encoding="utf-8"))
-        return [name for name in record.get("saved", []) if isinstance(name, str)]
-    except (OSError, ValueError, AttributeError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return []
+    except (OSError, ValueError) as error:
+        raise _bad_record(path, str(error), "cannot be read") from None
+    try:
+        record = json.loads(text)
+    except ValueError as error:
+        raise _bad_record(path, f"it is not valid JSON ({error})") from None
+    saved = record.get("saved") if isinstance(record, dict) else None
+    if (
+        not isinstance(saved, list)
+        or not all(isinstance(name, str) for name in saved)
+        or not isinstance(record.get("latest"), (str, type(None)))
+    ):
+        shown = text.strip()
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise _bad_record(path, f'it holds {shown}, not a "saved" list of checkpoint names')
+    return saved
 
 
 def _write_record(root: Path, saved: list[str]) -> None:
     """Write the record of saves atomically, with the package's one file writer."""
     data = json.dumps({"latest": saved[-1] if saved else None, "saved": saved}, indent=2)
-    with atomic_file(root / RECORD_FILE) as tmp:
-        tmp.write_text(data, encoding="utf-8")
+    in_use: list[str] = []
+    try:
+        with atomic_file(root / RECORD_FILE) as tmp:
+            _use(tmp, in_use)  # before the temporary exists: a leftover sweep of another thread never sees it unused
+            tmp.write_text(data, encoding="utf-8")
+    finally:
+        _forget(in_use)
+
+
+def _in_order(root: Path, saved: list[str]) -> list[Path]:
+    """The complete checkpoints of `root`: those `saved` does not name first (by step), then those it names."""
+    if not root.is_dir():
+        return []
+    complete = {p.name: p for p in root.iterdir() if _step_of(p) is not None and not checkpoint_problems(p)}
+    recorded = [name for name in saved if name in complete]
+    others = sorted((name for name in complete if name not in recorded), key=lambda n: _step_of(complete[n]))
+    return [complete[name] for name in others + recorded]
+
+
+def _listed_anyway(root: Path) -> list[Path]:
+    """`list_checkpoints`, by step where the record is malformed: for messages, which must not fail themselves."""
+    try:
+        return list_checkpoints(root)
+    except CheckpointError:
+        return _in_order(root, [])
 
 
 def list_checkpoints(checkpoint_root: PathLike) -> list[Path]:
@@ -284,6 +367,9 @@ def list_checkpoints(checkpoint_root: PathLike) -> list[Path]:
     Args:
         checkpoint_root (`str` or `os.PathLike`): The directory holding `checkpoint-<step>` directories.
 
+    Raises:
+        CheckpointError: If `checkpoints.json` is malformed (e.g. edited by hand), naming it and the way out.
+
     Example:
 
     ```py
@@ -294,10 +380,7 @@ def list_checkpoints(checkpoint_root: PathLike) -> list[Path]:
     root = Path(checkpoint_root)
     if not root.is_dir():
         return []
-    complete = {p.name: p for p in root.iterdir() if _step_of(p) is not None and not checkpoint_problems(p)}
-    recorded = [name for name in _read_record(root) if name in complete]
-    others = sorted((name for name in complete if name not in recorded), key=lambda n: _step_of(complete[n]))
-    return [complete[name] for name in others + recorded]
+    return _in_order(root, _read_record(root))
 
 
 def resolve_checkpoint(checkpoint_root: PathLike, spec: PathLike) -> Path:
@@ -310,7 +393,7 @@ def resolve_checkpoint(checkpoint_root: PathLike, spec: PathLike) -> Path:
 
     Raises:
         FileNotFoundError: If there is no such checkpoint.
-        CheckpointError: If the given checkpoint is incomplete.
+        CheckpointError: If the given checkpoint is incomplete, or (for `"latest"`) `checkpoints.json` is malformed.
 
     Example:
 
@@ -332,7 +415,7 @@ def resolve_checkpoint(checkpoint_root: PathLike, spec: PathLike) -> Path:
         raise FileNotFoundError(f"--resume_from_checkpoint: {path} does not exist or is not a directory.")
     problems = checkpoint_problems(path)
     if problems:
-        available = [p.name for p in list_checkpoints(path.parent)]
+        available = [p.name for p in _listed_anyway(path.parent)]
         raise CheckpointError(
             f"--resume_from_checkpoint: {path} is not a complete checkpoint ({'; '.join(problems)}); a save or a "
             "deletion of it was interrupted. Resume from another one"
@@ -341,24 +424,284 @@ def resolve_checkpoint(checkpoint_root: PathLike, spec: PathLike) -> Path:
     return path
 
 
-def _remove(path: Path, trash_name: str) -> None:
+# ------------------------------------------------------------------------------------- one run per checkpoint folder
+_HELD: dict[str, tuple[int, int]] = {}  # checkpoint root (resolved) -> (pid, open locked LOCK_FILE) of this process
+_IN_USE: set[str] = set()  # temporaries this process is writing or deleting now (other threads must not sweep them)
+_GUARD = threading.RLock()  # guards both, and makes "sweep leftovers" and "create a temporary" exclusive in a process
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        found = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it into the lock file (best effort)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return f" (pid {int(holder['pid'])} on {holder['host']})"
+    return ""
+
+
+def _another_run(root: Path, holder: str) -> CheckpointError:
+    return CheckpointError(
+        f"The checkpoint folder {root} is being written by another process{holder}: another run saves its "
+        "checkpoints there. Nothing was written by this one, and the other run's checkpoints are untouched. Give each "
+        "run its own checkpoint folder, or wait until the other run has ended."
+    )
+
+
+def _hold(root: Path) -> bool:
+    """Lock `root` for this process until it exits (or [`remove_checkpoints`] removes the folder).
+
+    The lock is an advisory `flock` on `root/.checkpoints.lock`, released by the kernel when the process ends, however
+    it ends: a crashed or killed run never keeps its successor out. The same process may save into the folder again
+    (several runs in one process, one after the other).
+
+    Returns:
+        `bool`: Whether the folder is locked; `False` where the file system has no locks (then only this process's
+        own leftovers are ever swept).
+
+    Raises:
+        CheckpointError: If another live process holds the folder ("written by another process").
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        return False
+    key = str(root.resolve())
+    path = root / LOCK_FILE
+    with _GUARD:
+        pid, fd = _HELD.pop(key, (None, None))
+        if fd is not None:
+            if pid == os.getpid() and _same_file(fd, path):
+                _HELD[key] = pid, fd
+                return True
+            # the folder was removed (and made again) since, or this is a forked child: the parent's lock is not its
+            os.close(fd)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                raise _another_run(root, holder) from None
+            except OSError as error:
+                os.close(fd)
+                if error.errno in _NO_LOCKS:
+                    return False
+                raise
+            if _same_file(fd, path):  # not removed by its previous holder between our open and our lock
+                with contextlib.suppress(OSError):  # who holds it is for messages only (a full disk may refuse it)
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+                _HELD[key] = os.getpid(), fd
+                return True
+            os.close(fd)
+
+
+def _release(root: Path) -> None:
+    with _GUARD:
+        _, fd = _HELD.pop(str(root.resolve()), (None, None))
+        if fd is not None:
+            os.close(fd)
+
+
+def _use(path: Path, in_use: list[str]) -> None:
+    with _GUARD:
+        _IN_USE.add(str(path.absolute()))
+        in_use.append(str(path.absolute()))
+
+
+def _forget(in_use: list[str]) -> None:
+    with _GUARD:
+        _IN_USE.difference_update(in_use)
+
+
+def _pid_of(path: Path) -> Optional[int]:
+    """The process that made a temporary (see `files.write.temporary_sibling`); `None` for other names."""
+    match = re.search(r"\.(\d+)-[0-9a-f]+\.(?:tmp|deleting|old)$", path.name)
+    return int(match.group(1)) if match else None
+
+
+def _remove(path: Path) -> None:
     """Rename `path` out of the listed set first, then delete it: a kill in between leaves a hidden folder only."""
-    trash = path.parent / trash_name
-    if trash.exists():
+    in_use: list[str] = []
+    try:
+        with _GUARD:
+            trash = temporary_sibling(path, "deleting")
+            os.rename(path, trash)
+            _use(trash, in_use)
         shutil.rmtree(trash)
-    os.rename(path, trash)
-    shutil.rmtree(trash)
+    finally:
+        _forget(in_use)
 
 
-def _remove_leftovers(root: Path) -> None:
+def _remove_leftovers(root: Path, held: bool) -> None:
     """Delete what interrupted saves and deletions left: hidden `.checkpoint-*.tmp` / `.deleting` folders and
-    `.checkpoints.json.*.tmp` files."""
-    for path in root.glob(f".{CHECKPOINT_PREFIX}*"):
-        if path.is_dir() and path.name.endswith((".tmp", ".deleting")):
-            shutil.rmtree(path, ignore_errors=True)
-    for path in root.glob(f".{RECORD_FILE}.*.tmp"):
-        with contextlib.suppress(OSError):
-            path.unlink()
+    `.checkpoints.json.*.tmp` files, never one this process is using.
+
+    With the folder locked ([`_hold`]) no other live process can be writing into it, so every leftover is abandoned;
+    without locks only this process's own leftovers (its process id is in their names) are deleted.
+    """
+    with _GUARD:
+        found = [p for p in root.glob(f".{CHECKPOINT_PREFIX}*") if p.name.endswith((".tmp", ".deleting"))]
+        found += list(root.glob(f".{RECORD_FILE}.*.tmp"))
+        for path in found:
+            if str(path.absolute()) in _IN_USE or not (held or _pid_of(path) == os.getpid()):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------- failed saves
+_FULL = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28", "os error 122")
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) says the disk is full: ENOSPC/EDQUOT, or safetensors' text of them."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in _FULL):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _write_failure(error: BaseException) -> bool:
+    """Whether `error` is a failure to write files (rather than a bug): I/O errors, safetensors' and torch's."""
+    text = str(error)
+    return (
+        isinstance(error, (OSError, SafetensorError))
+        or (isinstance(error, RuntimeError) and ("write failed" in text or "failed writing" in text))
+        or _disk_full(error)
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _explain(error: Exception, root: Path, final: Path, stage: str) -> Optional[str]:
+    """The message of the `CheckpointError` a failed save raises, or `None` to re-raise `error` unchanged (a bug).
+
+    `stage` is where the save failed: `"start"` (nothing written yet), `"write"` (into the temporary folder, which
+    is then deleted), `"commit"` (the rename into place, undone), `"record"` (the checkpoint is in place, but
+    `checkpoints.json` could not be written) or `"prune"` (the new checkpoint is recorded; never explained).
+    """
+    if isinstance(error, CheckpointError):
+        return str(error)
+    if isinstance(error, AdapterFileError) and "written by another process" in str(error):
+        return str(_another_run(root, ""))
+    full = _disk_full(error) and stage != "prune"
+    explained = full or {
+        "start": isinstance(error, (OSError, ValueError)),
+        "write": isinstance(error, AdapterFileError) or _write_failure(error),
+        "commit": isinstance(error, AdapterFileError),
+        "record": _write_failure(error),
+    }.get(stage, False)
+    if not explained:
+        return None
+    reason = f"the disk is full ({_first_line(error)})" if full else _first_line(error)
+    advice = " Free some space on that disk (or keep fewer checkpoints: total_limit) and save again." if full else ""
+    listed = [p.name for p in _listed_anyway(root)]
+    latest = f'"latest" is {listed[-1]}' if listed else "there is none"
+    if stage == "record":
+        return (
+            f"The checkpoint {final.name} was written into {root} and is complete, but recording it in "
+            f"{root / RECORD_FILE} failed: {reason}. The earlier checkpoints are intact; {latest}.{advice}"
+        )
+    if stage == "start" and not full:
+        return f"Cannot write the checkpoint {final}: {error}"
+    return (
+        f"The checkpoint {final.name} could not be written into {root}: {reason}. Nothing of it was kept (its "
+        f"temporary folder was deleted), and the earlier checkpoints are intact ({latest}).{advice}"
+    )
+
+
+def _settle(
+    accelerator: Accelerator,
+    failure: Optional[Exception],
+    root: Path,
+    final: Path,
+    stage: str,
+    everyone: bool,
+) -> None:
+    """Tell every process whether a step of the save failed (on any process when `everyone`, else on the main one),
+    and raise on all of them if so: no process is left waiting for one that gave up."""
+    note = None  # what the other processes raise: the explanation, or which process failed and how
+    if failure is not None:
+        explained = _explain(failure, root, final, stage)
+        note = explained or (
+            f"The checkpoint {final} was not saved: process {accelerator.process_index} failed "
+            f"({_first_line(failure)})."
+        )
+    notes = [note]
+    if accelerator.num_processes > 1:
+        if everyone:
+            try:
+                notes = gather_object([note])
+            except NotImplementedError:  # pragma: no cover - TPU: every process raises its own error, or none
+                accelerator.wait_for_everyone()
+        else:
+            notes = broadcast_object_list([note])
+    if failure is not None:
+        if explained is None or isinstance(failure, CheckpointError):
+            raise failure
+        raise CheckpointError(explained) from failure
+    problem = next((n for n in notes if n is not None), None)
+    if problem is not None:
+        raise CheckpointError(problem)
+
+
+def _begin(root: Path, final: Path, stack: contextlib.ExitStack) -> Path:
+    """Lock the folder for this run, sweep abandoned leftovers, and open the temporary folder of the checkpoint."""
+    root.mkdir(parents=True, exist_ok=True)
+    held = _hold(root)
+    in_use: list[str] = []
+    stack.callback(_forget, in_use)  # runs after the writer's commit or clean-up
+    with _GUARD:
+        _remove_leftovers(root, held)
+        tmp = stack.enter_context(atomic_directory(final, overwrite=True, marker=STATE_FILE))
+        _use(tmp, in_use)
+    return tmp
+
+
+def _record(root: Path, final: Path) -> list[str]:
+    """Record `final` as the latest save (rewriting a malformed record); return the names recorded."""
+    try:
+        earlier = _read_record(root)
+    except CheckpointError as error:
+        warnings.warn(
+            f"{error} It was rewritten now, with the complete checkpoints in the order of their steps.",
+            UserWarning,
+            stacklevel=3,
+        )
+        earlier = [p.name for p in _in_order(root, [])]
+    saved = [name for name in earlier if name != final.name] + [final.name]
+    _write_record(root, saved)
+    return saved
+
+
+def _prune(root: Path, saved: list[str], total_limit: int) -> None:
+    """Keep the `total_limit` most recent saves: unlist the others first, then delete them."""
+    listed = list_checkpoints(root)
+    oldest = listed[: max(len(listed) - total_limit, 0)]
+    if oldest:
+        _write_record(root, [name for name in saved if name not in {p.name for p in oldest}])
+    for old in oldest:
+        _remove(old)
 
 
 def save_checkpoint(
@@ -376,6 +719,11 @@ def save_checkpoint(
     rollback, is first renamed to a backup, which is restored if the rename fails). The checkpoint is then recorded as
     the latest save in `checkpoints.json`. A run killed at any point leaves the previous checkpoints complete.
 
+    One run saves into a folder: the first save locks it for its process (`.checkpoints.lock`, released when the
+    process ends, however it ends), and another process saving into it meanwhile is refused before it writes
+    anything. Temporary names carry the process id and a random token; a save sweeps only abandoned leftovers (of
+    interrupted saves of this process, or of runs that have ended), never a temporary in use.
+
     Args:
         accelerator (`Accelerator`): The accelerator (with [`register_adapter_checkpointing`] for adapter-only
             checkpoints). Objects given to `register_for_checkpointing` are saved too; resuming checks that they load
@@ -389,9 +737,12 @@ def save_checkpoint(
         `Path`: The checkpoint directory.
 
     Raises:
-        CheckpointError: On every process, if the main process cannot write the checkpoint. The package's writer
-            replaces only adapter directories, so re-saving an existing step needs a model with an adapter named
-            "default" (whose `adapter_config.json` sits at the top of the checkpoint).
+        CheckpointError: On every process, if the checkpoint cannot be written: another process is saving into the
+            folder ("written by another process"), the disk is full or a file cannot be written (the message says
+            where, and that nothing of the failed save was kept and the earlier checkpoints are intact), or the
+            destination is refused. The package's writer replaces only adapter directories, so re-saving an existing
+            step needs a model with an adapter named "default" (whose `adapter_config.json` sits at the top of the
+            checkpoint). A malformed `checkpoints.json` is rewritten, with a warning.
 
     Example:
 
@@ -403,44 +754,46 @@ def save_checkpoint(
         raise ValueError(f"total_limit must be at least 1 (or None to keep every checkpoint), got {total_limit}.")
     root = Path(checkpoint_root)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
+    main = accelerator.is_main_process
     with contextlib.ExitStack() as stack:
-        shared: list[Optional[str]] = [None, None]  # the temporary directory, or why there is none
-        if accelerator.is_main_process:
+        failure: Optional[Exception] = None
+        tmp: Optional[Path] = None
+        if main:
             try:
-                root.mkdir(parents=True, exist_ok=True)
-                _remove_leftovers(root)
-                shared[0] = str(stack.enter_context(atomic_directory(final, overwrite=True, marker=STATE_FILE)))
-            except (OSError, ValueError) as error:
-                shared[1] = f"Cannot write the checkpoint {final}: {error}"
-        tmp, problem = broadcast_object_list(shared)  # every process fails alike rather than waiting forever
-        if problem is not None:
-            raise CheckpointError(problem)
-        tmp_dir = Path(tmp)
-        accelerator.save_state(str(tmp_dir))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            files = sorted(str(p.relative_to(tmp_dir)) for p in tmp_dir.rglob("*") if p.is_file())
-            state = {
-                **(extra_state or {}),
-                "step": step,
-                "num_processes": accelerator.num_processes,
-                "files": files,
-            }
-            with open(tmp_dir / STATE_FILE, "w", encoding="utf-8") as f:
-                json.dump(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-    if accelerator.is_main_process:
-        saved = [name for name in _read_record(root) if name != final.name] + [final.name]
-        _write_record(root, saved)
-        if total_limit is not None:
-            listed = list_checkpoints(root)
-            oldest = listed[: max(len(listed) - total_limit, 0)]
-            if oldest:
-                _write_record(root, [name for name in saved if name not in {p.name for p in oldest}])
-            for old in oldest:
-                _remove(old, f".{old.name}.deleting")
-    accelerator.wait_for_everyone()
+                tmp = _begin(root, final, stack)
+            except Exception as error:  # noqa: BLE001 - every process must learn of it (see _settle)
+                failure = error
+        _settle(accelerator, failure, root, final, "start", everyone=False)
+        tmp_dir = Path(broadcast_object_list([str(tmp) if tmp else None])[0])
+        try:
+            accelerator.save_state(str(tmp_dir))
+        except Exception as error:  # noqa: BLE001
+            failure = error
+        _settle(accelerator, failure, root, final, "write", everyone=True)  # raising here deletes the temporary
+        stage = "write"
+        if main:
+            try:
+                files = sorted(str(p.relative_to(tmp_dir)) for p in tmp_dir.rglob("*") if p.is_file())
+                state = {
+                    **(extra_state or {}),
+                    "step": step,
+                    "num_processes": accelerator.num_processes,
+                    "files": files,
+                }
+                with open(tmp_dir / STATE_FILE, "w", encoding="utf-8") as f:
+                    json.dump(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                stage = "commit"
+                stack.close()  # the rename into place (restoring the previous checkpoint-<step> if it fails)
+                stage = "record"
+                saved = _record(root, final)
+                stage = "prune"
+                if total_limit is not None:
+                    _prune(root, saved, total_limit)
+            except Exception as error:  # noqa: BLE001
+                failure = error
+        _settle(accelerator, failure, root, final, stage, everyone=False)
     return final
 
 
@@ -448,7 +801,10 @@ def remove_checkpoints(checkpoint_root: PathLike) -> None:
     """Delete every checkpoint in `checkpoint_root`, and the root itself if nothing else is left in it.
 
     Each checkpoint is renamed out of the listed set before it is deleted, so an interrupted call leaves no checkpoint
-    that [`list_checkpoints`] reports.
+    that [`list_checkpoints`] reports. A folder another live process saves into is refused.
+
+    Raises:
+        CheckpointError: If another process is saving checkpoints into the folder.
 
     Example:
 
@@ -459,12 +815,18 @@ def remove_checkpoints(checkpoint_root: PathLike) -> None:
     root = Path(checkpoint_root)
     if not root.is_dir():
         return
-    _write_record(root, [])
-    for path in sorted(root.iterdir()):
-        if path.is_dir() and _step_of(path) is not None:
-            _remove(path, f".{path.name}.deleting")
-    _remove_leftovers(root)
-    (root / RECORD_FILE).unlink()
+    held = _hold(root)
+    try:
+        _write_record(root, [])
+        for path in sorted(root.iterdir()):
+            if path.is_dir() and _step_of(path) is not None:
+                _remove(path)
+        _remove_leftovers(root, held)
+        (root / RECORD_FILE).unlink()
+        if held:  # removed while still locked: a process that opened it meanwhile sees it is gone and locks anew
+            (root / LOCK_FILE).unlink()
+    finally:
+        _release(root)
     with contextlib.suppress(OSError):
         root.rmdir()
 
@@ -532,6 +894,10 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: PathLike) -> dict[str,
             f"{path} is not a complete checkpoint ({'; '.join(problems)}): a save or a deletion of it was "
             "interrupted. Resume from another one."
         )
+    for index, model in enumerate(accelerator._models):  # every model's adapters, before any of them is loaded
+        model = accelerator.unwrap_model(model)
+        if isinstance(model, PeftModel):
+            check_checkpoint_compatible(path / (f"model_{index}" if index else ""), model)
     check_no_unsafe_pickles(path)
     accelerator.load_state(str(path))
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))

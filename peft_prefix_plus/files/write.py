@@ -106,6 +106,27 @@ def check_destination(
     return dst
 
 
+def temporary_sibling(path: PathLike, kind: str) -> Path:
+    """A new hidden name beside ``path`` for a temporary: ``.<name>.<pid>-<random>.<kind>``.
+
+    The name is unique, and the process id in it tells which process made the temporary, so that a process that
+    clears leftovers can leave alone those of other processes, which may still be writing them.
+
+    Args:
+        path (`str` or `os.PathLike`): The file or directory the temporary stands for.
+        kind (`str`): The suffix: ``"tmp"`` (being written), ``"old"`` (a backup), ``"deleting"``, ...
+
+    Example:
+
+    ```py
+    >>> temporary_sibling("out/checkpoint-3", "tmp")
+    PosixPath('out/.checkpoint-3.4242-1f0c9a6b2d4e.tmp')
+    ```
+    """
+    path = Path(path)
+    return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.{kind}"
+
+
 def _identity(path: Path) -> Optional[tuple[int, int]]:
     """``(device, inode)`` of ``path``, or ``None`` when it does not exist: tells whether another writer replaced it.
 
@@ -210,7 +231,7 @@ def _commit(tmp: Path, dst: Path, expected: Optional[tuple[int, int]]) -> None:
     if expected is None:
         os.rename(tmp, dst)
         return
-    backup = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:12]}.old"
+    backup = temporary_sibling(dst, "old")
     os.rename(dst, backup)
     try:
         os.rename(tmp, dst)
@@ -254,7 +275,7 @@ def atomic_directory(
     expected = _identity(dst)
     parent = dst.absolute().parent
     created: list[Path] = []
-    tmp = parent / f".{dst.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp = temporary_sibling(parent / dst.name, "tmp")
     try:
         created = _make_parent(parent)
         os.mkdir(tmp)  # mode 0o777 & ~umask, as save_pretrained's os.makedirs
@@ -298,7 +319,7 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
     ```
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_sibling(path, "tmp")
     try:
         yield tmp
         with open(tmp, "rb") as written:  # flushed to disk before it replaces the old file
