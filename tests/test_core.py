@@ -31,7 +31,7 @@ from conftest import (
 )
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
-from peft_prefix_plus import PrefixPlusConfig
+from peft_prefix_plus import PrefixPlusConfig, attention
 from peft_prefix_plus.kv_cache import PrefixedCacheLayer
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
@@ -118,6 +118,87 @@ def test_cached_generation_equals_recomputation(family, attn, variant):
     for cached in (seeded, concatenated):
         assert torch.equal(cached.sequences, recomputed.sequences)
         torch.testing.assert_close(torch.stack(cached.scores), torch.stack(recomputed.scores), rtol=1e-4, atol=1e-5)
+
+
+#: The padding of a generation prompt: batch 3, the last row left-padded (as `batch_for` pads); batch 3 without
+#: padding; one row without padding.
+PADDINGS = {
+    "left": {"batch_size": 3, "left_pad": True},
+    "unpadded": {"batch_size": 3, "left_pad": False},
+    "batch1": {"batch_size": 1, "left_pad": False},
+}
+#: The KV cache of `generate`: its default (dynamic, seeded with the prefix), a pre-allocated static one, none.
+CACHES = {"dynamic": {}, "static": {"cache_implementation": "static"}, "none": {"use_cache": False}}
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the tiny models of a generation run many small ops, which threads only slow down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def greedy_by_recomputation(model, inputs: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding with no KV cache: every step runs the full sequence forward and takes its last logits.
+
+    The attention mask is extended by ones; decoder-only models get the position ids `generate` computes from the
+    mask. Unpadded sdpa calls go through the materialised mask (`SQUARE_CAUSAL = False`), so the reference shares
+    neither the cache paths nor the square maskless call with what it checks.
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    encoder_decoder = model.config.is_encoder_decoder
+    if encoder_decoder:
+        start = model.generation_config.decoder_start_token_id
+        sequences = torch.full((ids.shape[0], 1), start, dtype=ids.dtype)
+    else:
+        sequences = ids
+    scores = []
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "SQUARE_CAUSAL", False)
+        for _ in range(steps):
+            if encoder_decoder:
+                logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=sequences, use_cache=False).logits
+            else:
+                position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+                logits = model(
+                    input_ids=sequences, attention_mask=mask, position_ids=position_ids, use_cache=False
+                ).logits
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            scores.append(logits[:, -1].float())
+            sequences = torch.cat([sequences, logits[:, -1].argmax(-1, keepdim=True)], dim=-1)
+    return sequences, torch.stack(scores)
+
+
+@pytest.mark.parametrize("cache", list(CACHES))
+@pytest.mark.parametrize("padding", list(PADDINGS))
+@pytest.mark.parametrize("attn", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", GENERATIVE)
+def test_generation_equals_greedy_recomputation_for_every_padding_and_cache(family, attn, padding, cache, one_thread):
+    """Greedy `generate` over padding × cache equals a greedy loop of full forward passes without a cache.
+
+    The cells cover every attention path: a left-padded batch concatenates and extends the mask (path 1), unpadded
+    causal sdpa prefills through the square maskless call (path 2; not Falcon, which always passes a mask, nor T5,
+    whose position bias needs one), the default cache decodes over the seeded prefix (path 3), and a static cache
+    (and T5) concatenates at every step. `forced_eos_token_id` is off (BART sets it), so the scores are the logits of
+    each step.
+    """
+    model, _, task = adapted(family, attn, "mlp")
+    batch = batch_for(task, seq_len=5, **PADDINGS[padding])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    settings = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    settings |= {"forced_eos_token_id": None, "output_scores": True, "return_dict_in_generate": True}
+    generated = model.generate(**inputs, **settings, **CACHES[cache])
+    sequences, scores = greedy_by_recomputation(model, inputs, steps=5)
+    assert torch.equal(generated.sequences, sequences)
+    torch.testing.assert_close(torch.stack(generated.scores), scores, rtol=1e-4, atol=1e-5)
+    # the prefix steers this generation: a dropped prefix cannot pass
+    with model.disable_adapter():
+        base = model.generate(**inputs, **settings, **CACHES[cache])
+    assert not torch.equal(base.sequences, sequences) or not torch.allclose(
+        torch.stack(base.scores), scores, rtol=1e-3, atol=1e-4
+    )
 
 
 @matrix()
@@ -726,3 +807,15 @@ def test_continuous_batching_is_refused_before_it_runs(entry):
     assert all(config._attn_implementation == "prefix_plus_sdpa" for config in all_configs(model))
     base = model.unload()  # transformers' own method again
     assert "init_continuous_batching" not in vars(base)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_call_is_handed_down_by_the_stack_where_the_stack_passes_keywords_on(family):
+    """Per-module pre-hooks (a Python call per attention layer and step) only where the stack does not hand its
+    keyword arguments down to the attention function (Falcon); the matrix checks that both routes give the prefix."""
+    model, _, _ = adapted(family, "sdpa", "mlp")
+    tuner = model.base_model
+    modules = [module for found in tuner._sites.values() for module in found.modules]
+    hooked = [module for module in modules if module._forward_pre_hooks]
+    assert hooked == tuner._module_hooked
+    assert bool(hooked) == (family == "falcon")
