@@ -7,7 +7,9 @@ lengths without the prefix (``get_seq_length``, ``get_mask_sizes``), so position
 transformers builds are those of the real tokens, and the attention wrapper adds the prefix columns to the mask as it
 does without a cache.
 
-Only transformers' plain `DynamicLayer` is seeded (the default cache of `generate`). Static and sliding-window
+Only transformers' plain `DynamicLayer` is seeded (the default cache of `generate`), in a cache passed to the model
+(`generate` always passes one); a cache the model makes for itself inside its forward pass holds no prefix, and later
+calls put the prefix in front of its keys. Static and sliding-window
 caches, and attention modules whose own code reads the cached keys' shape (T5's relative position bias), keep the
 prefix out of the cache: the attention wrapper puts it in front of the cached keys at every step.
 

@@ -751,8 +751,8 @@ def test_a_deep_copied_cache_continues_like_the_original():
     """Prompt-cache reuse (`copy.deepcopy(prompt_cache)`) keeps the cache its model's."""
     model, _, task = adapted("llama", "sdpa", "mlp")
     batch = batch_for(task, batch_size=1, left_pad=False)
-    with torch.no_grad():
-        prompt = model(input_ids=batch["input_ids"], use_cache=True)
+    with torch.no_grad():  # a cache passed in is seeded (one the model makes for itself is not, see below)
+        prompt = model(input_ids=batch["input_ids"], cache=transformers.DynamicCache())
     cache = returned_cache(prompt)
     assert isinstance(cache.layers[0], PrefixedCacheLayer)
     full = torch.cat([batch["input_ids"], batch["input_ids"][:, :2]], dim=1)
@@ -786,7 +786,7 @@ def test_a_cache_cropped_to_its_prefix_and_expanded_continues_exactly():
     model, _, task = adapted("llama", "sdpa", "mlp")
     prompt = batch_for(task, batch_size=1, left_pad=False)["input_ids"]
     with torch.no_grad():
-        cache = returned_cache(model(input_ids=prompt, use_cache=True))
+        cache = returned_cache(model(input_ids=prompt, cache=transformers.DynamicCache()))
         cache.crop(-prompt.shape[1])
         assert cache.get_seq_length() == 0 and cache.layers[0].keys.shape[2] == 3
         cache.batch_repeat_interleave(2)
@@ -819,3 +819,23 @@ def test_the_call_is_handed_down_by_the_stack_where_the_stack_passes_keywords_on
     hooked = [module for module in modules if module._forward_pre_hooks]
     assert hooked == tuner._module_hooked
     assert bool(hooked) == (family == "falcon")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bart"])
+def test_a_cache_the_model_makes_for_itself_holds_no_prefix_and_continues_exactly(family):
+    """A forward with `use_cache=True` and no cache: the stack makes the cache after its pre-hook ran, so the prefix
+    is not seeded into it; every later call puts the prefix in front of the cached keys, with the same results."""
+    model, _, task = adapted(family, "sdpa", "mlp")
+    batch = batch_for(task, batch_size=2, left_pad=False)
+    inputs = {"input_ids": batch["input_ids"]}
+    if task == "SEQ_2_SEQ_LM":
+        inputs["decoder_input_ids"] = batch["labels"][:, :3]
+    with torch.no_grad():
+        first = model(**inputs, use_cache=True)
+        cache = returned_cache(first)
+        assert not any(isinstance(layer, PrefixedCacheLayer) for layer in cache_layers(cache))
+        step = torch.tensor([[7], [8]])
+        key = "decoder_input_ids" if task == "SEQ_2_SEQ_LM" else "input_ids"
+        continued = model(**{**inputs, key: step}, cache=cache).logits[:, -1]
+        full = model(**{**inputs, key: torch.cat([inputs[key], step], dim=1)}, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(continued, full, rtol=1e-4, atol=1e-5)
