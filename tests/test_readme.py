@@ -8,12 +8,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from example_runs import REPO, example_env, smoke_run
 
 README = REPO / "README.md"
 DOCS = (README, REPO / "examples" / "README.md")
 #: The default output folder of the main example, as the README's commands name it.
 DEFAULT_OUT = "outputs/data_to_text"
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with a tokenizer and a chat template, saved like a Hub model (for the TRL block)."""
+    sys.path.insert(0, str(REPO / "tests" / "scripts"))
+    try:
+        from make_tiny_model import make_tiny_model
+    finally:
+        sys.path.remove(str(REPO / "tests" / "scripts"))
+    from transformers import AutoTokenizer
+
+    directory = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-chat", "llama")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = (
+        "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def python_blocks() -> list[str]:
@@ -77,3 +98,59 @@ def test_paths_in_readme_commands_exist_after_a_smoke_run_of_the_main_example(tm
     }
     missing = sorted({p for p in paths if not (out / p[len(DEFAULT_OUT) :].lstrip("/")).exists()})
     assert not missing, f"README commands name paths the main example does not produce: {missing}"
+
+
+#: A marker right above a ```python block of the docs says how the block is run: nothing (run as pasted), the names it
+#: is given, that it continues the README's quickstart, or why it is skipped (the network, a Hub token, a GPU).
+MARKER = re.compile(r"<!-- doc-test: (.*?) -->\n```python\n(.*?)```", flags=re.S)
+#: Tiny stand-ins for the names a fragment is given (the block says in its marker what it needs).
+GIVEN = {
+    "model": "model = AutoModelForCausalLM.from_pretrained(TINY)",
+    "tokenizer": "tokenizer = AutoTokenizer.from_pretrained(TINY)",
+    "train_dataset": (
+        "train_dataset = Dataset.from_dict({'prompt': [[{'role': 'user', 'content': f'say {i}'}] for i in range(16)],"
+        " 'completion': [[{'role': 'assistant', 'content': f'I say {i} and more'}] for i in range(16)]})"
+    ),
+}
+GIVEN_IMPORTS = "from datasets import Dataset\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+
+
+def doc_blocks() -> list:
+    """Every ```python block of README.md and examples/README.md, with how the test runs it."""
+    cases = []
+    for doc in DOCS:
+        text = doc.read_text()
+        marked = {block: how for how, block in MARKER.findall(text)}
+        for index, block in enumerate(re.findall(r"```python\n(.*?)```", text, flags=re.S)):
+            how = marked.get(block, "runs as pasted")
+            marks = [pytest.mark.skip(reason=f"the block {how}")] if how.startswith("needs") else []
+            cases.append(pytest.param(block, how, id=f"{doc.relative_to(REPO)}-{index}", marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize(("block", "how"), doc_blocks())
+def test_every_python_block_of_the_docs_runs(block, how, tmp_path, tiny_chat_dir):
+    """Each block runs in a fresh interpreter, in an empty folder, offline: as pasted, after the quickstart, or with
+    tiny stand-ins for the names its marker says it is given."""
+    prelude = ""
+    if how == "continues the quickstart":
+        prelude = python_blocks()[0]
+    elif how.startswith("given "):
+        names = [name.strip() for name in how[len("given ") :].split(",")]
+        prelude = GIVEN_IMPORTS + f"TINY = {str(tiny_chat_dir)!r}\n" + "\n".join(GIVEN[name] for name in names) + "\n"
+    else:
+        assert how == "runs as pasted", f"unknown doc-test marker {how!r}"
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + "\n" + block],
+        cwd=tmp_path,
+        env=example_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_every_skipped_block_says_what_it_needs():
+    skipped = [param for param in doc_blocks() if param.marks]
+    assert all(param.values[1].startswith("needs ") and len(param.values[1]) > 20 for param in skipped)
