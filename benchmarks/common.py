@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import statistics
 import time
@@ -23,6 +24,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 #: The dtypes the train and decode suites run in (``--dtype``).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+#: The keyword the installed transformers' models take their KV cache by: ``cache`` where the forward has it (5.24 and
+#: 5.25 do, and deprecate ``past_key_values`` with a FutureWarning, "Both ... are set" when a call has both; removal is
+#: announced for 5.40), ``past_key_values`` in older versions. Read from the signature of the benchmarks' model, so
+#: that a version is judged by what it accepts, not by its number.
+CACHE_KWARG = (
+    "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+)
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """The keyword arguments that hand ``cache`` to a transformers model's forward under the installed version's name
+    (:data:`CACHE_KWARG`), and only under that one.
+
+    Example::
+
+        logits = model(input_ids=prompt, attention_mask=mask, use_cache=True, **cache_kwargs(DynamicCache())).logits
+    """
+    return {CACHE_KWARG: cache}
 
 
 @dataclass

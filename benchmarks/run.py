@@ -2,14 +2,16 @@
 
 Examples::
 
-    python benchmarks/run.py --suite all --out benchmarks/results
-    python benchmarks/run.py --suite train decode size merge     # everything except quality
+    python benchmarks/run.py --suite train decode size merge     # everything except quality, into results/local/
+    python benchmarks/run.py --suite decode --smoke               # a smoke run, into results/local/ too
+    python benchmarks/run.py --suite all --out benchmarks/results # replaces the published figures
     python benchmarks/run.py --suite train --device cuda --out runs/gpu
     python benchmarks/run.py --suite train decode --device cuda --dtype bfloat16 --out benchmarks/results_cuda
-    python benchmarks/run.py --suite decode --smoke --out /tmp/smoke
 
 Each suite adds itself to ``OUT/results.json`` (suites run before are kept) and rewrites ``OUT/results.md`` and
-its PNG plots.
+its PNG plots. Without ``--out``, OUT is ``benchmarks/results/local/``, which git ignores: a smoke run, or a run on
+another machine, never overwrites the published figures in ``benchmarks/results/``; only an explicit
+``--out benchmarks/results`` does.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from benchmarks import report  # noqa: E402
 from benchmarks.common import DTYPES, RunOptions, load_average  # noqa: E402
 
 SUITES = ("train", "decode", "size", "merge", "quality")
+#: The published figures (committed); written only when ``--out`` names this folder.
+PUBLISHED_OUT = REPO / "benchmarks" / "results"
+#: Where a run without ``--out`` writes: inside the published folder, but ignored by git (``.gitignore``).
+DEFAULT_OUT = PUBLISHED_OUT / "local"
 
 
 def _suite_module(name: str):  # noqa: ANN202 - a module
@@ -54,7 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train and decode suites: dtype of the weights and prefixes (default float32); the others ignore it",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the suites run")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="results folder (default benchmarks/results/local/, ignored by git); "
+        "`--out benchmarks/results` replaces the published figures",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up repeats per method (default 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -102,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     names = SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
+    if args.out == DEFAULT_OUT:
+        print(
+            f"[benchmarks] writing to {args.out} (ignored by git); `--out benchmarks/results` replaces the published "
+            "figures",
+            flush=True,
+        )
     for name in names:
         module = _suite_module(name)
         kwargs = {}

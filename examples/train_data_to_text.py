@@ -753,7 +753,7 @@ def print_summary(summary: dict[str, Any], args: argparse.Namespace, is_encoder_
     print(f"  inspect  prefix-plus inspect {adapter}")
     if exportable(summary["adapter"]["config"]):
         print(f"  export   prefix-plus export-peft {adapter} {out / 'adapter-peft'}")
-    print(f"  push     prefix-plus push your-name/data-to-text-prefix {adapter} --metrics {files['summary']}")
+    print(f"  push     prefix-plus push your-name/smollm2-data-to-text {adapter} --metrics {files['summary']}")
     print(
         f'  load     python -c "import peft_prefix_plus; from peft import PeftModel; from transformers import {auto}; '
         f"model = PeftModel.from_pretrained({auto}.from_pretrained('{base}'), '{adapter}'); print(model)\""

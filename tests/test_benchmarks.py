@@ -5,8 +5,12 @@ Timings are never asserted: only that every suite writes its results (table, JSO
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,9 +27,58 @@ EXPECTED_METHODS = {
 }
 
 
+def _is_stock_prefix_tuning_call(frame) -> bool:  # noqa: ANN001 - a frame
+    """Whether a frame on the stack is stock PEFT prefix tuning's own code (a `PeftModel` method with PREFIX_TUNING)."""
+    import peft
+
+    while frame is not None:
+        if frame.f_code.co_filename.replace("\\", "/").endswith("/peft/peft_model.py"):
+            model = frame.f_locals.get("self")
+            if isinstance(model, peft.PeftModel) and model.active_peft_config.peft_type == peft.PeftType.PREFIX_TUNING:
+                return True
+        frame = frame.f_back
+    return False
+
+
+def run_recording_cache_warnings(argv: list[str]) -> tuple[int, list[str]]:
+    """Run the benchmarks; return the exit code and the FutureWarnings about the cache keyword (the deprecated
+    `past_key_values`, or both names in one call) that the benchmarks' own calls caused.
+
+    Stock PEFT prefix tuning causes some itself, upstream, which are left out: its forward always hands its prefix over
+    as `past_key_values`, and its `generate` adds `past_key_values` beside the `cache` that transformers' `generate`
+    passes ("Both ... are set", inside transformers' generation code). A benchmark naming a cache twice or by the old
+    name, or handing a cache to stock's forward ("Both" outside `generate`), is returned.
+    """
+    ours: list[str] = []
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings' hook
+        text = str(message)
+        if not issubclass(category, FutureWarning) or "past_key_values" not in text:
+            return
+        frame = sys._getframe(1)
+        stack = []
+        probe = frame
+        while probe is not None:
+            stack.append(probe.f_code.co_filename.replace("\\", "/"))
+            probe = probe.f_back
+        in_generate = any("/transformers/generation/" in name for name in stack)
+        if _is_stock_prefix_tuning_call(frame) and (in_generate or not text.startswith("Both")):
+            return  # upstream: stock PEFT's own calls
+        ours.append(f"{text[:120]} (from {[name for name in stack if '/benchmarks/' in name][:3]})")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", FutureWarning)
+        warnings.showwarning = record
+        code = bench.main(argv)
+    return code, ours
+
+
 @pytest.mark.parametrize("suite", ["train", "decode", "size", "merge", "quality"])
 def test_suite_runs_in_smoke_mode(suite: str, tmp_path: Path) -> None:
-    assert bench.main(["--suite", suite, "--smoke", "--out", str(tmp_path)]) == 0
+    code, cache_warnings = run_recording_cache_warnings(["--suite", suite, "--smoke", "--out", str(tmp_path)])
+    assert code == 0
+    # every call the suite makes names its KV cache once, by the installed transformers' keyword (issue 24, item 9)
+    assert not cache_warnings, cache_warnings
     results = json.loads((tmp_path / "results.json").read_text())
     result = results["suites"][suite]
     assert result["rows"], "the suite produced no rows"
@@ -58,6 +111,117 @@ def test_suite_runs_in_smoke_mode(suite: str, tmp_path: Path) -> None:
         # the issue-13 targets are measured per setting (never asserted), with mean ± std in the table
         assert {t["case"] for t in result["targets"]} == {"full", "low"}
         assert "loss (mean ± std)" in markdown
+
+
+def test_cache_keyword_is_the_one_the_installed_transformers_takes() -> None:
+    """`cache` where the model's forward has it (transformers 5.24 and 5.25 deprecate `past_key_values`), once."""
+    import inspect
+
+    import transformers
+
+    from benchmarks.common import CACHE_KWARG, cache_kwargs
+
+    parameters = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+    assert ("cache" if "cache" in parameters else "past_key_values") == CACHE_KWARG
+    assert CACHE_KWARG in parameters
+    marker = object()
+    assert cache_kwargs(marker) == {CACHE_KWARG: marker}
+
+
+def test_stock_decoding_steps_attend_the_prefix() -> None:
+    """The decode suite's interleaved steps run stock PEFT through its base model with its prefix seeded into the
+    cache: the prompt's pass and each later step compute stock's own forward logits (prefix attended), where handing
+    a cache to stock's forward would name it twice and drop the prefix."""
+    import peft
+    import torch
+
+    from benchmarks.common import build_llama, cache_kwargs, fresh_copy
+    from benchmarks.suite_decode import decoding_start
+
+    base = build_llama(0, smoke=True).eval()
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16
+    )
+    stock = peft.get_peft_model(fresh_copy(base), config).eval()
+    prompt = torch.randint(3, base.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # stock's forward names its prefix `past_key_values` (upstream)
+        with torch.no_grad():
+            reference = stock(input_ids=prompt, attention_mask=torch.ones_like(prompt)).logits
+            plain = base(input_ids=prompt).logits
+    assert not torch.allclose(reference, plain, atol=1e-4)  # the prefix changes the logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        runner, cache, mask = decoding_start(stock, prompt[:, :7])
+        assert runner is stock.get_base_model() and mask.shape == (2, 4 + 7)
+        with torch.no_grad():
+            logits = runner(input_ids=prompt[:, :7], attention_mask=mask, use_cache=True, **cache_kwargs(cache)).logits
+            torch.testing.assert_close(logits, reference[:, :7], rtol=0, atol=1e-5)
+            for position in range(7, 10):
+                mask = torch.cat([mask, mask.new_ones((2, 1))], dim=1)
+                step = runner(
+                    input_ids=prompt[:, position : position + 1],
+                    attention_mask=mask,
+                    use_cache=True,
+                    **cache_kwargs(cache),
+                ).logits
+                torch.testing.assert_close(step[:, -1], reference[:, position], rtol=0, atol=1e-5)
+    runner, cache, mask = decoding_start(base, prompt)  # every other method: called as it is, with an empty cache
+    assert runner is base and cache.get_seq_length() == 0 and mask.shape == prompt.shape
+
+
+def _published_files() -> dict[str, str]:
+    """Hashes of the published results: every file in benchmarks/results/ but the git-ignored local/ folder."""
+    published = REPO / "benchmarks" / "results"
+    return {
+        str(path.relative_to(published)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(published.rglob("*"))
+        if path.is_file() and bench.DEFAULT_OUT not in path.parents
+    }
+
+
+def test_default_output_is_a_git_ignored_local_folder() -> None:
+    """Without `--out`, results go to benchmarks/results/local/, which git ignores (issue 24, item 5)."""
+    assert bench.parse_args([]).out == bench.DEFAULT_OUT == REPO / "benchmarks" / "results" / "local"
+    assert bench.parse_args(["--out", "benchmarks/results"]).out == Path("benchmarks/results")
+    git = shutil.which("git")
+    if git is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("results.json", "results.md", "size_ratio.png"):
+        ignored = subprocess.run(
+            [git, "check-ignore", "-q", str(bench.DEFAULT_OUT / name)], cwd=REPO, capture_output=True
+        )
+        assert ignored.returncode == 0, f"{bench.DEFAULT_OUT / name} is not ignored by git"
+    published = subprocess.run(
+        [git, "check-ignore", "-q", str(REPO / "benchmarks" / "results" / "results.json")], cwd=REPO
+    )
+    assert published.returncode == 1  # the published figures stay tracked
+
+
+def test_smoke_run_without_out_leaves_the_published_results_alone(tmp_path: Path) -> None:
+    """`python benchmarks/run.py --smoke` (no `--out`) writes the git-ignored local folder: the published files are
+    unchanged, and so is `git status --porcelain benchmarks/results`. A local folder that was there is restored."""
+    git = shutil.which("git") if (REPO / ".git").exists() else None
+
+    def status() -> str:
+        command = [git, "status", "--porcelain", "--", "benchmarks/results"]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+    before_files, before_status = _published_files(), status() if git else None
+    backup = tmp_path / "local"
+    existed = bench.DEFAULT_OUT.exists()
+    if existed:
+        shutil.copytree(bench.DEFAULT_OUT, backup)
+    try:
+        assert bench.main(["--suite", "size", "--smoke"]) == 0
+        assert "size" in json.loads((bench.DEFAULT_OUT / "results.json").read_text())["suites"]
+        assert _published_files() == before_files
+        if git:
+            assert status() == before_status
+    finally:
+        shutil.rmtree(bench.DEFAULT_OUT, ignore_errors=True)
+        if existed:
+            shutil.copytree(backup, bench.DEFAULT_OUT)
 
 
 def test_train_and_decode_run_in_bfloat16(tmp_path: Path) -> None:

@@ -92,6 +92,61 @@ def test_inspect_human_and_json(tmp_path, capsys):
     assert f"{merged['num_parameters']:,} (raw prefixes" in out
 
 
+def test_inspect_size_counts_the_adapter_files_and_shows_the_others_apart(tmp_path, capsys):
+    """A checkpoint folder or Trainer state inside the adapter's folder is not part of the adapter: "size on disk"
+    counts the config, the weights and the model card; the rest is a separate line (issue 24, item 8)."""
+    src = save_prefix_plus(tmp_path / "adapter", "llama")
+    (src / "README.md").write_text("# my adapter\n")
+    own = {name: (src / name).stat().st_size for name in ("adapter_config.json", "adapter_model.safetensors")}
+    own["README.md"] = (src / "README.md").stat().st_size
+    code, out, _ = run_cli(capsys, "inspect", src)
+    assert code == 0
+    assert (
+        f"size on disk:    {sum(own.values()):,} bytes (adapter_config.json, adapter_model.safetensors, README.md)"
+        in out
+    )
+    assert "other files" not in out
+
+    (src / "checkpoint-10" / "nested").mkdir(parents=True)
+    (src / "checkpoint-10" / "optimizer.pt").write_bytes(b"\0" * 5000)
+    (src / "checkpoint-10" / "nested" / "rng_state.pth").write_bytes(b"\0" * 300)
+    (src / "trainer_state.json").write_text("{}")
+    info = inspect_adapter(src)
+    assert info["size_on_disk"] == sum(own.values())
+    assert info["adapter_files"] == own
+    assert info["other_files"] == 3 and info["other_files_size"] == 5000 + 300 + 2
+    assert info["other_entries"] == ["checkpoint-10/", "trainer_state.json"]
+    code, out, _ = run_cli(capsys, "inspect", src)
+    assert code == 0
+    assert f"size on disk:    {sum(own.values()):,} bytes (" in out
+    assert (
+        "other files:     5,302 bytes in 3 files in the folder (checkpoint-10/, trainer_state.json), not part of "
+        "the adapter" in out
+    )
+    code, out, _ = run_cli(capsys, "inspect", src, "--json")
+    assert json.loads(out)["size_on_disk"] == sum(own.values())
+
+    # merge reports the adapter's own bytes, not the checkpoint beside it (which it does not copy)
+    code, out, _ = run_cli(capsys, "merge", src, tmp_path / "merged")
+    assert code == 0
+    assert f"(was {info['num_parameters']:,} parameters, {sum(own.values()):,} bytes)" in out
+    assert inspect_adapter(tmp_path / "merged")["other_files"] == 0
+
+
+def test_push_command_names_one_repo_in_the_readmes_and_the_example():
+    """The main example's end-of-run "push" command names the Hub repo that README.md and examples/README.md name
+    (issue 24, item 8)."""
+    import re
+
+    pattern = r"prefix-plus push (\S+) (?:outputs/data_to_text/adapter|\{adapter\})"
+    names = {
+        path: set(re.findall(pattern, (REPO / path).read_text()))
+        for path in ("README.md", "examples/README.md", "examples/train_data_to_text.py")
+    }
+    assert all(names.values()), names
+    assert len(set().union(*names.values())) == 1, names
+
+
 # ---------------------------------------------------------------------------------------------------- export/import
 EXPORT_CASES = {"gpt2": ("gpt2", {}), "llama-deep-gelu": ("llama", {"mlp_depth": 3, "mlp_activation": "gelu"})}
 

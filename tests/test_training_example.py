@@ -94,7 +94,9 @@ def test_final_summary_names_the_real_files_and_the_next_commands(finished_run):
     assert Path(files["adapter"]) == out / "adapter" and Path(files["summary"]) == out / "summary.json"
     assert f"prefix-plus inspect {out / 'adapter'}" in tail
     assert f"prefix-plus export-peft {out / 'adapter'} {out / 'adapter-peft'}" in tail
-    assert f"prefix-plus push your-name/data-to-text-prefix {out / 'adapter'} --metrics {out / 'summary.json'}" in tail
+    assert (
+        f"prefix-plus push your-name/smollm2-data-to-text {out / 'adapter'} --metrics {out / 'summary.json'}" in tail
+    )
     assert f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{finished_run['model']}')" in tail
 
 

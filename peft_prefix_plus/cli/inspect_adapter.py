@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Describe a saved PrefixPlus adapter.",
         description="Print the sites (prefix length and layers), the MLP shape or 'raw', whether the adapter was "
         "merged, the parameter count, any NaN or infinite values and the size on disk of the saved PrefixPlus "
-        "adapter DIR.",
+        "adapter DIR: of its own files (config, weights, model card); other files below DIR, such as a checkpoint "
+        "folder, are shown apart.",
     )
     parser.add_argument("directory", metavar="DIR", help="directory of a saved PrefixPlus adapter")
     parser.add_argument("--json", action="store_true", help="print the same data as JSON")
