@@ -7,7 +7,9 @@ import inspect
 import os
 import sys
 import warnings
+from pathlib import Path
 
+import pytest
 import torch
 import transformers
 from packaging import version
@@ -245,3 +247,26 @@ def all_configs(model: torch.nn.Module) -> list:
         if config is not None and hasattr(config, "_attn_implementation"):
             configs.setdefault(id(config), config)
     return list(configs.values())
+
+
+#: A plain chat template for the tiny chat model (TRL's trainers and the docs' TRL block apply it).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """A tiny random Llama with a BPE tokenizer of the example data and a chat template, saved like a Hub model."""
+    scripts = str(Path(__file__).parent / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        from make_tiny_model import make_tiny_model
+    finally:
+        sys.path.remove(scripts)
+    directory = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-chat", "llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return directory

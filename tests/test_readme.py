@@ -17,26 +17,6 @@ DOCS = (README, REPO / "examples" / "README.md")
 DEFAULT_OUT = "outputs/data_to_text"
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama with a tokenizer and a chat template, saved like a Hub model (for the TRL block)."""
-    sys.path.insert(0, str(REPO / "tests" / "scripts"))
-    try:
-        from make_tiny_model import make_tiny_model
-    finally:
-        sys.path.remove(str(REPO / "tests" / "scripts"))
-    from transformers import AutoTokenizer
-
-    directory = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-chat", "llama")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    tokenizer.chat_template = (
-        "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant:{% endif %}"
-    )
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
@@ -129,7 +109,7 @@ def doc_blocks() -> list:
 
 
 @pytest.mark.parametrize(("block", "how"), doc_blocks())
-def test_every_python_block_of_the_docs_runs(block, how, tmp_path, tiny_chat_dir):
+def test_every_python_block_of_the_docs_runs(block, how, tmp_path, tiny_chat_model):
     """Each block runs in a fresh interpreter, in an empty folder, offline: as pasted, after the quickstart, or with
     tiny stand-ins for the names its marker says it is given."""
     prelude = ""
@@ -137,7 +117,9 @@ def test_every_python_block_of_the_docs_runs(block, how, tmp_path, tiny_chat_dir
         prelude = python_blocks()[0]
     elif how.startswith("given "):
         names = [name.strip() for name in how[len("given ") :].split(",")]
-        prelude = GIVEN_IMPORTS + f"TINY = {str(tiny_chat_dir)!r}\n" + "\n".join(GIVEN[name] for name in names) + "\n"
+        prelude = (
+            GIVEN_IMPORTS + f"TINY = {str(tiny_chat_model)!r}\n" + "\n".join(GIVEN[name] for name in names) + "\n"
+        )
     else:
         assert how == "runs as pasted", f"unknown doc-test marker {how!r}"
     result = subprocess.run(

@@ -21,10 +21,6 @@ from peft_prefix_plus import PrefixPlusConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 
 
 def load_example():
@@ -42,21 +38,6 @@ def load_example():
 @pytest.fixture(scope="module")
 def example():
     return load_example()
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory) -> Path:
-    """A tiny random Llama with a BPE tokenizer of the example data and a chat template, saved like a Hub model."""
-    sys.path.insert(0, str(REPO / "tests" / "scripts"))
-    try:
-        from make_tiny_model import make_tiny_model
-    finally:
-        sys.path.remove(str(REPO / "tests" / "scripts"))
-    directory = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-chat", "llama")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.mark.parametrize("packing", [False, True])
