@@ -108,7 +108,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "Default: on for decoder-only models, off for encoder-decoder models.",
     )
     # optimisation
-    p.add_argument("--learning_rate", type=float, default=3e-3)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=8, help="Batch size per process.")

@@ -102,7 +102,7 @@ def test_final_summary_names_the_real_files_and_the_next_commands(finished_run):
 
 def test_summary_json_arguments_are_typed(finished_run):
     args = json.loads((finished_run["out"] / "summary.json").read_text())["args"]
-    assert args["max_steps"] == 2 and args["learning_rate"] == 3e-3 and args["keep_checkpoints"] is True
+    assert args["max_steps"] == 2 and args["learning_rate"] == 1e-3 and args["keep_checkpoints"] is True
     assert args["overwrite_output_dir"] is False and args["layers_to_transform"] is None
     assert args["offset_position_ids"] is None  # the default: on for decoder-only models (see the adapter config)
     assert args["sites"] == ["self", "encoder", "cross"]
