@@ -7,6 +7,7 @@ its checkpoints and pushes its adapter to a local Hub stand-in; the run is made 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -37,6 +38,14 @@ HUB_REPO = "user/tiny-data-to-text"
 for path in (EXAMPLES, SCRIPTS):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+
+def load_example_module():
+    """examples/train_data_to_text.py as a module (its functions, without running it)."""
+    spec = importlib.util.spec_from_file_location("train_data_to_text", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def example_env(**extra: str) -> dict:

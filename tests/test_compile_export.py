@@ -204,6 +204,18 @@ GQA_EXPORT = pytest.mark.xfail(
 )
 
 
+def export_logits(model, **options):
+    """`torch.export.export` of the logits on a 2 x 6 prompt, with named dynamic batch and sequence dims."""
+    example = prompt(2, 6)
+    with torch.no_grad():
+        return torch.export.export(
+            CausalLMLogits(model).eval(),
+            (example["input_ids"], example["attention_mask"]),
+            dynamic_shapes=dynamic_dims(),
+            **options,
+        )
+
+
 @pytest.mark.parametrize(
     ("family", "attn", "overrides"),
     [
@@ -217,14 +229,7 @@ def test_export_dynamic_batch_and_length(family, attn, overrides):
     """`torch.export.export` with named dynamic batch and sequence `Dim`s, default settings: the program keeps the
     prefix and gives the eager logits on another batch size and length (and with padding it was not traced with)."""
     model = adapted(family, attn, **overrides)
-    example = prompt(2, 6)
-    with torch.no_grad():
-        program = torch.export.export(
-            CausalLMLogits(model).eval(),
-            (example["input_ids"], example["attention_mask"]),
-            dynamic_shapes=dynamic_dims(),
-        )
-    assert_exported_logits(model, program.module())
+    assert_exported_logits(model, export_logits(model).module())
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -232,14 +237,7 @@ def test_export_grouped_query_attention_deferred_asserts(attn):
     """Grouped-query attention exports with named dynamic `Dim`s when shape guards become runtime asserts, as
     `torch.onnx.export(dynamo=True)` does; the program keeps the prefix and gives the eager logits."""
     model = adapted("llama", attn)
-    example = prompt(2, 6)
-    with torch.no_grad():
-        program = torch.export.export(
-            CausalLMLogits(model).eval(),
-            (example["input_ids"], example["attention_mask"]),
-            dynamic_shapes=dynamic_dims(),
-            prefer_deferred_runtime_asserts_over_guards=True,
-        )
+    program = export_logits(model, prefer_deferred_runtime_asserts_over_guards=True)
     assert_exported_logits(model, program.module())
 
 

@@ -7,13 +7,12 @@ data, whose slot names are not the shipped data's; the refusals run in-process a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
-from example_runs import EXAMPLE, FAST, run_example, tiny_model_dir
+from example_runs import EXAMPLE, FAST, load_example_module, run_example, tiny_model_dir
 
 WEATHER = [
     ("Paris", "sunny", "21 C", "It is sunny in Paris, with 21 C."),
@@ -46,13 +45,6 @@ def write_data(folder: Path, slots: bool) -> Path:
         (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         start += count
     return folder
-
-
-def load_example_module():
-    spec = importlib.util.spec_from_file_location("train_data_to_text", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

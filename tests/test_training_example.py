@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from example_runs import EXAMPLE, FAST, example_env, run_example, smoke_run, tiny_model_dir
+from example_runs import EXAMPLE, FAST, example_env, load_example_module, run_example, smoke_run, tiny_model_dir
 from safetensors.torch import load_file
 from smollm2 import SMOLLM2_HUB_ID, smollm2_gguf_path
 from training_utils import clear_output_dir
@@ -25,13 +24,6 @@ pytestmark = pytest.mark.slow  # launches processes; `pytest -m 'not slow'` skip
 
 PHASES = ["loading the model", "evaluating the untuned model", "training", "evaluating the tuned adapter", "merging"]
 PHASES += ["generating", "writing the outputs"]
-
-
-def load_example_module():
-    spec = importlib.util.spec_from_file_location("train_data_to_text", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
