@@ -1,9 +1,9 @@
-"""Suite ``merge`` (measurement 5): time and peak memory of ``merge_adapter`` on disk, with no base model.
+"""Suite ``merge`` (measurement 5): time and peak memory of ``merge_mlp_files`` on disk, with no base model.
 
 The adapter has the shape PrefixPlus gives Llama-2-7B: 32 layers, hidden 4096, 32 heads (32 key/value heads of
 dimension 128), prefix 30, one MLP layer of width 512, float32. It is written directly from a
 :class:`~peft_prefix_plus.PrefixSiteEncoder` of that shape (random weights; the values do not change the work), so
-no 7B model is needed. Each merge runs in a fresh Python process: the time is that of the ``merge_adapter`` call
+no 7B model is needed. Each merge runs in a fresh Python process: the time is that of the ``merge_mlp_files`` call
 (imports excluded, reported separately), the memory is the process's peak resident set size (``VmHWM``; not ``ru_maxrss``,
 which Linux carries over from the parent at fork and exec) and its
 growth over the resident size just before the call. The source file was just written, so it is in the page cache.
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from peft_prefix_plus import PrefixPlusConfig, PrefixSiteEncoder
+from peft_prefix_plus import PrefixPlusConfig
+from peft_prefix_plus.tuner import PrefixSiteEncoder
 
 from .common import RunOptions
 
@@ -34,14 +35,14 @@ TARGET_S = 5.0
 _CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from peft_prefix_plus import merge_adapter
+from peft_prefix_plus import merge_mlp_files
 import_s = time.perf_counter() - t0
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 before = rss()
 t = time.perf_counter()
-merge_adapter(sys.argv[1], sys.argv[2])
+merge_mlp_files(sys.argv[1], sys.argv[2])
 elapsed = time.perf_counter() - t
 def high_water_mark():
     # VmHWM belongs to this process's address space; ru_maxrss would also count the parent's size at fork time,
@@ -87,11 +88,11 @@ def _merge_in_process(src: Path, dst: Path) -> dict:
     import resource
     import time
 
-    from peft_prefix_plus import merge_adapter
+    from peft_prefix_plus import merge_mlp_files
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    merge_adapter(src, dst)
+    merge_mlp_files(src, dst)
     elapsed = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # smoke runs only: in-process
     return {"merge_s": elapsed, "import_s": 0.0, "rss_before": before, "peak_rss": peak}
@@ -124,7 +125,7 @@ def run(options: RunOptions) -> dict:
                 check=False,
             )
             if done.returncode != 0:
-                raise RuntimeError(f"merge_adapter failed:\n{done.stderr[-3000:]}")
+                raise RuntimeError(f"merge_mlp_files failed:\n{done.stderr[-3000:]}")
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
             dst_bytes = os.path.getsize(dst / "adapter_model.safetensors")
     merge_s = statistics.median(r["merge_s"] for r in runs)
@@ -134,11 +135,11 @@ def run(options: RunOptions) -> dict:
         {"what": "adapter shape", "value": json.dumps(shape)},
         {"what": "source adapter_model.safetensors (MiB)", "value": src_bytes / 2**20},
         {"what": "merged adapter_model.safetensors (MiB)", "value": dst_bytes / 2**20},
-        {"what": f"merge_adapter time, median of {repeats} (s)", "value": merge_s},
-        {"what": "merge_adapter time, each run (s)", "value": ", ".join(f"{r['merge_s']:.2f}" for r in runs)},
+        {"what": f"merge_mlp_files time, median of {repeats} (s)", "value": merge_s},
+        {"what": "merge_mlp_files time, each run (s)", "value": ", ".join(f"{r['merge_s']:.2f}" for r in runs)},
         {"what": "import peft_prefix_plus, median (s)", "value": statistics.median(r["import_s"] for r in runs)},
         {"what": "peak RSS of the merge process (MiB)", "value": peak / 2**20},
-        {"what": "peak RSS growth during merge_adapter (MiB)", "value": growth / 2**20},
+        {"what": "peak RSS growth during merge_mlp_files (MiB)", "value": growth / 2**20},
     ]
     return {
         "suite": "merge",
@@ -146,7 +147,7 @@ def run(options: RunOptions) -> dict:
             "shape": shape,
             "repeats": repeats,
             "memory_tool": "VmHWM (peak RSS) of a fresh process",
-            "device": "cpu (merge_adapter works on files, without a model or an accelerator)",
+            "device": "cpu (merge_mlp_files works on files, without a model or an accelerator)",
         },
         "rows": rows,
         "runs": runs,
@@ -154,7 +155,7 @@ def run(options: RunOptions) -> dict:
             {
                 "measurement": "merge time",
                 "case": "Llama-2-7B-shaped adapter" if not options.smoke else "smoke shape",
-                "comparison": "merge_adapter, on disk (s)",
+                "comparison": "merge_mlp_files, on disk (s)",
                 "ratio": merge_s,
                 "target": f"< {TARGET_S} s",
                 "met": merge_s < TARGET_S,

@@ -17,7 +17,7 @@ import peft
 import torch
 import transformers
 
-from peft_prefix_plus import PrefixPlusConfig, merge_adapter
+from peft_prefix_plus import PrefixPlusConfig, merge_mlp_files
 
 from .common import RunOptions, build_llama, fresh_copy
 from .suite_decode import merge_prefix_mlp
@@ -76,7 +76,7 @@ def run(options: RunOptions) -> dict:
         for method in ("stock_proj", "stock_raw", "pp_proj", "pp_merged", "pp_raw", "pp_merge_adapter"):
             directory = tmp_path / f"llama_{method}"
             if method == "pp_merge_adapter":  # the on-disk merge of the saved pp_proj adapter
-                merge_adapter(tmp_path / "llama_pp_proj", directory)
+                merge_mlp_files(tmp_path / "llama_pp_proj", directory)
                 weights, config_bytes = os.path.getsize(directory / WEIGHTS), os.path.getsize(directory / CONFIG)
             else:
                 if method.startswith("stock"):

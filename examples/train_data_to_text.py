@@ -59,7 +59,7 @@ from transformers import get_linear_schedule_with_warmup
 
 import peft_prefix_plus  # noqa: F401 - registers PREFIX_PLUS with PEFT
 from peft_prefix_plus import PrefixPlusConfig
-from peft_prefix_plus.checkpointing import (
+from peft_prefix_plus.training.checkpointing import (
     CheckpointError,
     check_checkpoint_compatible,
     load_checkpoint,
@@ -438,9 +438,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     # ---- bad input is refused before anything heavy happens
     try:
         check_output_dir(output_dir, args.overwrite_output_dir, resuming=args.resume_from_checkpoint is not None)
-        resume_from = (
-            resolve_checkpoint(checkpoint_root, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-        )
+        try:
+            resume_from = (
+                resolve_checkpoint(checkpoint_root, args.resume_from_checkpoint)
+                if args.resume_from_checkpoint
+                else None
+            )
+        except CheckpointError as error:
+            raise CheckpointError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {error}") from None
         # the data is read and checked here, before the model is loaded
         train_rows = read_split(args.data_dir, "train")
         val_rows = read_split(args.data_dir, "validation", args.max_eval_samples)

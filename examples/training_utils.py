@@ -7,7 +7,7 @@
   by accident, and overwriting removes only what the example wrote).
 - [`gather_sum`], [`plot_loss`].
 
-The checkpoints themselves (adapter-only, atomic, pickle-safe) come from the library: `peft_prefix_plus.checkpointing`.
+The checkpoints themselves (adapter-only, atomic, pickle-safe) come from the library: `peft_prefix_plus.training.checkpointing`.
 
 Example:
 
@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from peft_prefix_plus.checkpointing import CHECKPOINT_PREFIX, remove_checkpoints
+from peft_prefix_plus.training.checkpointing import CHECKPOINT_PREFIX, remove_checkpoints
 
 #: The name of the file that marks a finished run in an output directory.
 SUMMARY_FILE = "summary.json"

@@ -16,27 +16,28 @@ from .deferred_registration import register_when_peft_is_imported
 
 __version__ = "0.1.0"
 
-#: Public name -> the module that defines it, imported on first access (PEP 562).
+#: Public name -> the module that defines it, imported on first access (PEP 562). Internals (the layer, the encoders,
+#: the file readers) stay importable from their modules without being exported here.
 _EXPORTS = {
-    "AdapterFileError": ".files",
-    "HubPushError": ".hub.push",
-    "PrefixPlusConfig": ".config",
-    "PrefixPlusLayer": ".layer",
-    "PrefixPlusModel": ".model",
-    "PrefixSiteEncoder": ".layer",
+    "AdapterFileError": ".errors",
+    "CheckpointError": ".errors",
+    "HubPushError": ".errors",
+    "PrefixPlusConfig": ".tuner.config",
+    "PrefixPlusError": ".errors",
+    "PrefixPlusModel": ".tuner.model",
     "export_to_peft": ".files",
     "import_from_peft": ".files",
     "inspect_adapter": ".files",
-    "merge_adapter": ".files",
-    "push_adapter": ".hub.push",
+    "merge_mlp_files": ".files",
+    "push_adapter": ".hub",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .config import PrefixPlusConfig
-    from .files import AdapterFileError, export_to_peft, import_from_peft, inspect_adapter, merge_adapter
-    from .hub.push import HubPushError, push_adapter
-    from .layer import PrefixPlusLayer, PrefixSiteEncoder
-    from .model import PrefixPlusModel
+    from .errors import AdapterFileError, CheckpointError, HubPushError, PrefixPlusError
+    from .files import export_to_peft, import_from_peft, inspect_adapter, merge_mlp_files
+    from .hub import push_adapter
+    from .tuner.config import PrefixPlusConfig
+    from .tuner.model import PrefixPlusModel
 
 
 def __getattr__(name: str) -> Any:
@@ -56,15 +57,15 @@ register_when_peft_is_imported()
 
 __all__ = [
     "AdapterFileError",
+    "CheckpointError",
     "HubPushError",
     "PrefixPlusConfig",
-    "PrefixPlusLayer",
+    "PrefixPlusError",
     "PrefixPlusModel",
-    "PrefixSiteEncoder",
     "__version__",
     "export_to_peft",
     "import_from_peft",
     "inspect_adapter",
-    "merge_adapter",
+    "merge_mlp_files",
     "push_adapter",
 ]

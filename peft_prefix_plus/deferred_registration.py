@@ -26,7 +26,8 @@ WATCHED = "peft"
 
 
 def register_with_peft() -> None:
-    """Register ``PREFIX_PLUS`` with PEFT and install the PrefixPlus model-card and load hooks (idempotent).
+    """Run `peft_prefix_plus.integration.install`: register ``PREFIX_PLUS`` and make PrefixPlus's other changes to
+    PEFT and transformers (idempotent).
 
     Example:
 
@@ -36,13 +37,9 @@ def register_with_peft() -> None:
     >>> PeftType.PREFIX_PLUS
     ```
     """
-    from .hub.push import install_peft_hooks
-    from .load_guard import install_load_guard
-    from .registration import register
+    from .integration import install
 
-    register()
-    install_peft_hooks()
-    install_load_guard()
+    install()
 
 
 class _AfterExecLoader(importlib.abc.Loader):

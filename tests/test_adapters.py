@@ -175,7 +175,7 @@ def test_offset_positions_in_generate_of_a_padded_row_equal_the_row_alone(family
 
 
 def test_bf16_base_runs_trains_and_matches_attention_dtype(monkeypatch):
-    from peft_prefix_plus import attention
+    from peft_prefix_plus.tuner import attention
 
     base, task = tiny_model("llama")
     base.to(torch.bfloat16)

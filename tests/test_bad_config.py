@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_prefix_plus import PrefixPlusConfig
-from peft_prefix_plus.attention import model_configs
+from peft_prefix_plus.tuner.attention import model_configs
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from peft_prefix_plus import (
     export_to_peft,
     import_from_peft,
     inspect_adapter,
-    merge_adapter,
+    merge_mlp_files,
 )
 from peft_prefix_plus.cli import main
 from peft_prefix_plus.files import atomic_directory
@@ -46,7 +46,7 @@ COMMANDS = ("merge", "inspect", "export-peft", "import-peft")
 WITH_DST = ("merge", "export-peft", "import-peft")
 PLUS_ONLY = ("merge", "inspect", "export-peft")  # commands that read a PrefixPlus adapter
 FUNCTIONS = {
-    "merge": merge_adapter,
+    "merge": merge_mlp_files,
     "inspect": lambda src, dst, overwrite=False: inspect_adapter(src),
     "export-peft": export_to_peft,
     "import-peft": import_from_peft,

@@ -12,8 +12,7 @@ from peft import PeftModel, get_peft_model
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
-from peft_prefix_plus import PrefixPlusConfig
-from peft_prefix_plus.files import AdapterFileError, export_to_peft, inspect_adapter, merge_adapter
+from peft_prefix_plus import AdapterFileError, PrefixPlusConfig, export_to_peft, inspect_adapter, merge_mlp_files
 
 # case: (family, model class, PEFT task type, name of the head module)
 CLASSIFIERS = {
@@ -188,7 +187,7 @@ def test_merge_and_inspect_carry_a_saved_head_export_refuses_it(tmp_path):
 
     assert inspect_adapter(tmp_path / "adapter")["modules_to_save"] == ["base_model.model.score.weight"]
 
-    merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    merge_mlp_files(tmp_path / "adapter", tmp_path / "merged")
     merged = load_file(tmp_path / "merged" / SAFETENSORS_WEIGHTS_NAME)
     assert torch.equal(merged["base_model.model.score.weight"], saved["base_model.model.score.weight"])
     assert inspect_adapter(tmp_path / "merged")["mlp"] == "raw"

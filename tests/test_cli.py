@@ -24,7 +24,7 @@ from peft_prefix_plus import (
     export_to_peft,
     import_from_peft,
     inspect_adapter,
-    merge_adapter,
+    merge_mlp_files,
 )
 from peft_prefix_plus.cli import main
 
@@ -279,7 +279,7 @@ def good_adapters(tmp_path_factory) -> dict[str, Path]:
 
 
 FUNCTIONS = {
-    "merge": merge_adapter,
+    "merge": merge_mlp_files,
     "inspect": lambda src, dst: inspect_adapter(src),
     "export-peft": export_to_peft,
     "import-peft": import_from_peft,
@@ -348,7 +348,9 @@ def test_import_registers_with_peft_whatever_is_imported_first(good_adapters):
     imported first is the path every other test takes)."""
     checks = {
         "package-then-peft": "import peft_prefix_plus\nfrom peft import PeftConfig",
-        "config-module-first": "from peft_prefix_plus.config import PrefixPlusConfig\nfrom peft import PeftConfig",
+        "config-module-first": "from peft_prefix_plus.tuner.config import PrefixPlusConfig\nfrom peft import PeftConfig",
+        "tuner-model-first": "from peft_prefix_plus.tuner.model import PrefixPlusModel\nfrom peft import PeftConfig",
+        "peft-first": "from peft import PeftConfig\nimport peft_prefix_plus",
     }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     load = f"\nprint(type(PeftConfig.from_pretrained({str(good_adapters['plus'])!r})).__name__)"
@@ -376,7 +378,7 @@ def test_modules_to_save_tensors_are_accepted_and_carried_unchanged(tmp_path, ca
 
     code, out, err = run_cli(capsys, "inspect", src)
     assert code == 0 and "modules_to_save: base_model.model.score.weight" in out, err
-    merge_adapter(src, tmp_path / "merged")
+    merge_mlp_files(src, tmp_path / "merged")
     merged = load_file(tmp_path / "merged" / "adapter_model.safetensors")
     assert torch.equal(merged["base_model.model.score.weight"], head)
     export_to_peft(src, tmp_path / "stock")
@@ -432,7 +434,7 @@ def test_only_bad_input_is_reported_without_a_traceback(error, reported, tmp_pat
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(files, "merge_adapter", fail)
+    monkeypatch.setattr(files, "merge_mlp_files", fail)
     if reported:
         code, _, err = run_cli(capsys, "merge", tmp_path / "src", tmp_path / "dst")
         assert code == 1 and err.startswith("prefix-plus merge: error:")

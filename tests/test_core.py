@@ -31,8 +31,9 @@ from conftest import (
 )
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
-from peft_prefix_plus import PrefixPlusConfig, attention
-from peft_prefix_plus.kv_cache import PrefixedCacheLayer
+from peft_prefix_plus import PrefixPlusConfig
+from peft_prefix_plus.tuner import attention
+from peft_prefix_plus.tuner.kv_cache import PrefixedCacheLayer
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 VARIANTS = ["mlp", "raw", "two"]

@@ -12,8 +12,8 @@ from peft import get_peft_model
 from transformers import DynamicCache
 
 from peft_prefix_plus import PrefixPlusConfig
-from peft_prefix_plus import model as tuner_module
-from peft_prefix_plus.kv_cache import PrefixedCacheLayer
+from peft_prefix_plus.tuner import model as tuner_module
+from peft_prefix_plus.tuner.kv_cache import PrefixedCacheLayer
 
 STRATEGIES = {
     "greedy": {"do_sample": False},

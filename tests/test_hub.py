@@ -32,10 +32,10 @@ from safetensors.torch import load_file, save_file
 
 from peft_prefix_plus import HubPushError, PrefixPlusConfig, push_adapter
 from peft_prefix_plus.cli import main as cli_main
-from peft_prefix_plus.geometry import build_site_encoders
-from peft_prefix_plus.hub import card as card_module
-from peft_prefix_plus.hub.card import SECTION_END, SECTION_START, write_card
+from peft_prefix_plus.files import card as card_module
+from peft_prefix_plus.files.card import SECTION_END, SECTION_START, write_card
 from peft_prefix_plus.hub.push import summaries_from_dir
+from peft_prefix_plus.tuner.geometry import build_site_encoders
 
 REPO = "user/tiny-prefix-plus"
 
@@ -214,7 +214,7 @@ def test_other_peft_types_keep_the_stock_behaviour(hub, tmp_path):
     assert card.data.library_name == "peft"
     assert "prefix-plus" not in (card.data.tags or []) and SECTION_START not in card.text
     assert "push_adapter" in PeftModel.push_to_hub.__doc__
-    with pytest.raises(ValueError, match="PrefixPlus PeftModel"):
+    with pytest.raises(HubPushError, match="PrefixPlus PeftModel"):
         push_adapter(lora, REPO)
     lora.push_to_hub("user/lora", token=hub.token)  # transformers' stock push_to_hub
     pushed = ModelCard(hub.file("user/lora", "README.md").decode())
@@ -417,7 +417,7 @@ BAD_LOCAL_INPUTS = {
     "config-edited": (GOOD, _config(mlp_depth=2), "mlp_depth is 2"),
     "not-prefix-plus": (GOOD, _config(peft_type="LORA"), "peft_type 'LORA'"),
     "dir-missing": (["{repo}", "{tmp}/nope"], None, "nope"),
-    "old-argument-order": (["{dir}", "{repo}"], None, "the arguments are REPO_ID then LOCAL_DIR"),
+    "arguments-swapped": (["{dir}", "{repo}"], None, "not a valid Hub repo id"),
     "bad-repo-id": (["a/b/c", "{dir}"], None, "not a valid Hub repo id"),
     "pr-to-a-branch": ([*GOOD, "--create-pr", "--revision", "dev"], None, "pull request is opened against main"),
     "subfolder-not-an-adapter": ([*GOOD, "--adapter", "nope"], None, "nope"),

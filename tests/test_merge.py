@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from test_text_init import TEXT, tokenizer_dir  # noqa: F401 - the fixture, shared
 
-from peft_prefix_plus import PrefixPlusConfig, inspect_adapter, merge_adapter
+from peft_prefix_plus import PrefixPlusConfig, inspect_adapter, merge_mlp_files
 
 # (family, extra config): GPT-2, Llama with GQA and a deep gelu MLP of another width, T5 and BART with all three
 # sites at different lengths (site_kwargs), and layers_to_transform subsets.
@@ -102,7 +102,7 @@ def test_merge_mlp_in_memory_and_on_disk(case, tmp_path):
 
     # on disk, from the checkpoint files only: identical tensors and config
     source_files = {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()}
-    merge_adapter(tmp_path / "src", tmp_path / "disk")
+    merge_mlp_files(tmp_path / "src", tmp_path / "disk")
     assert {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()} == source_files  # SRC untouched
     on_disk = load_file(tmp_path / "disk" / "adapter_model.safetensors")
     assert on_disk.keys() == tensors.keys()
@@ -131,7 +131,7 @@ def test_on_disk_merge_of_a_text_initialised_mlp_equals_the_in_memory_merge(toke
     assert any(key.endswith("prefix_init") for key in load_file(tmp_path / "src" / "adapter_model.safetensors"))
     model.merge_mlp()
     model.save_pretrained(tmp_path / "memory")
-    merge_adapter(tmp_path / "src", tmp_path / "disk")
+    merge_mlp_files(tmp_path / "src", tmp_path / "disk")
     memory, disk = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("memory", "disk"))
     assert memory.keys() == disk.keys() and all(torch.equal(memory[key], disk[key]) for key in memory)
 
@@ -173,7 +173,7 @@ def test_merge_raw_adapter_is_a_noop(tmp_path):
 
     model.save_pretrained(tmp_path / "raw")
     with pytest.warns(UserWarning, match="already holds raw prefixes"):
-        merge_adapter(tmp_path / "raw", tmp_path / "copy")
+        merge_mlp_files(tmp_path / "raw", tmp_path / "copy")
     copied = load_file(tmp_path / "copy" / "adapter_model.safetensors")
     original = load_file(tmp_path / "raw" / "adapter_model.safetensors")
     assert copied.keys() == original.keys() and all(torch.equal(copied[k], original[k]) for k in copied)

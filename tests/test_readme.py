@@ -43,7 +43,7 @@ def test_quickstart_runs_without_warnings_but_the_upstream_one():
         if line.strip() and "is_gradient_checkpointing" not in line and line.strip() != "warnings.warn("
     ]
     assert not stray, result.stderr
-    assert "is_gradient_checkpointing" in README.read_text() and "peft/peft_model.py" in README.read_text()
+    assert "is_gradient_checkpointing" in README.read_text()  # the README names it
 
 
 def test_encoder_decoder_snippet_builds_a_valid_config():

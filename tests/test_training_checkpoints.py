@@ -1,4 +1,4 @@
-"""`peft_prefix_plus.checkpointing`: adapter-only, atomic, pickle-safe Accelerate checkpoints.
+"""`peft_prefix_plus.training.checkpointing`: adapter-only, atomic, pickle-safe Accelerate checkpoints.
 
 Kills are simulated by raising inside the operation (a patched `os.rename` or `shutil.rmtree`) and by leaving the
 intermediate state on disk.
@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from peft_prefix_plus import PrefixPlusConfig
-from peft_prefix_plus.checkpointing import (
+from peft_prefix_plus.training.checkpointing import (
     CheckpointError,
     check_checkpoint_compatible,
     list_checkpoints,
@@ -275,7 +275,7 @@ import peft_prefix_plus  # noqa: F401 - registers PREFIX_PLUS first
 sys.path.insert(0, {tests!r})
 from test_training_checkpoints import make_run, perturb
 
-from peft_prefix_plus.checkpointing import CheckpointError, remove_checkpoints, save_checkpoint
+from peft_prefix_plus.training.checkpointing import CheckpointError, remove_checkpoints, save_checkpoint
 
 role, root, signals = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 accelerator, model, _, _ = make_run()
@@ -349,7 +349,7 @@ def test_a_second_run_saving_into_the_same_folder_is_refused_and_the_first_is_un
 def test_temporaries_carry_the_process_id_and_only_abandoned_ones_are_swept(tmp_path, monkeypatch):
     """A save sweeps the leftovers of interrupted saves; without file locks (some network file systems) it cannot
     tell a dead run from a live one, so it sweeps only its own process's leftovers."""
-    from peft_prefix_plus import checkpointing
+    from peft_prefix_plus.training import checkpointing
 
     accelerator, _, _, _ = make_run()
     written: list[str] = []

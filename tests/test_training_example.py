@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from smollm2 import SMOLLM2_HUB_ID, smollm2_gguf_path
 from training_utils import clear_output_dir
 
-from peft_prefix_plus.checkpointing import list_checkpoints
+from peft_prefix_plus.training.checkpointing import list_checkpoints
 
 pytestmark = pytest.mark.slow  # launches processes; `pytest -m 'not slow'` skips it
 
@@ -120,15 +120,15 @@ print(json.dumps(logits.tolist()))
 @pytest.mark.parametrize("source", ["adapter", "checkpoints/checkpoint-1"])
 def test_train_merge_export_then_load_in_plain_peft(finished_run, tmp_path, source):
     """The README flow on the example's own output: the adapter merged by the run (or a checkpoint with its MLP,
-    merged with `merge_adapter`), exported with `export_to_peft`, loads in plain PEFT with the same logits."""
+    merged with `merge_mlp_files`), exported with `export_to_peft`, loads in plain PEFT with the same logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peft_prefix_plus import export_to_peft, merge_adapter
+    from peft_prefix_plus import export_to_peft, merge_mlp_files
 
     src = finished_run["out"] / source
     if source != "adapter":
-        src = merge_adapter(src, tmp_path / "merged")
+        src = merge_mlp_files(src, tmp_path / "merged")
     exported = export_to_peft(src, tmp_path / "adapter-peft")
     ids = [[5, 17, 23, 42, 8, 11], [9, 3, 31, 30, 12, 7]]
     result = subprocess.run(

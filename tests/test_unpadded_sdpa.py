@@ -9,7 +9,8 @@ import torch
 from conftest import batch_for, site_kwargs, tiny_model
 from peft import get_peft_model
 
-from peft_prefix_plus import PrefixPlusConfig, attention
+from peft_prefix_plus import PrefixPlusConfig
+from peft_prefix_plus.tuner import attention
 
 
 def sdpa_calls(monkeypatch) -> list:

@@ -31,7 +31,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     True
     ```
     """
-    from ..files.errors import AdapterFileError
+    from ..errors import AdapterFileError
 
     return (CommandError, AdapterFileError, OSError)
 

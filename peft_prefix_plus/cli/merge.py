@@ -22,11 +22,11 @@ def run(args: argparse.Namespace) -> int:
     0
     ```
     """
-    from ..files import inspect_adapter, merge_adapter
+    from ..files import inspect_adapter, merge_mlp_files
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        merge_adapter(args.src, args.dst, overwrite=args.overwrite)
+        merge_mlp_files(args.src, args.dst, overwrite=args.overwrite)
     for warning in caught:
         print(f"prefix-plus merge: note: {warning.message}", file=sys.stderr)
     before, after = inspect_adapter(args.src), inspect_adapter(args.dst)

@@ -70,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _local_dir(args: argparse.Namespace) -> str:
-    """LOCAL_DIR, or the folder named like the repository; refuses the arguments of the old `push DIR REPO_ID`."""
+    """LOCAL_DIR, or the folder named like the repository (as `hf upload` does)."""
     if args.local_dir is None:
         name = args.repo_id.rstrip("/").split("/")[-1]
         if not os.path.isdir(name):
@@ -79,11 +79,6 @@ def _local_dir(args: argparse.Namespace) -> str:
                 f"`prefix-plus push {args.repo_id} outputs/data_to_text/adapter`."
             )
         return name
-    if os.path.isdir(args.repo_id) and not os.path.isdir(args.local_dir):
-        raise CommandError(
-            f"{args.repo_id!r} is a local folder and {args.local_dir!r} is not: the arguments are REPO_ID then "
-            f"LOCAL_DIR, as for `hf upload`. Try `prefix-plus push {args.local_dir} {args.repo_id}`."
-        )
     return args.local_dir
 
 
@@ -96,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         CommandError: The push was refused or failed (`HubPushError`); `AdapterFileError` for a bad adapter.
     """
-    from ..hub.push import HubPushError, push_adapter
+    from ..errors import HubPushError
+    from ..hub import push_adapter
 
     if args.token is not None:
         print(TOKEN_WARNING, file=sys.stderr)

@@ -4,8 +4,7 @@ stock PEFT prefix tuning (:mod:`.convert`)."""
 
 from .convert import copy_stock_prefix, export_to_peft, import_from_peft, site_tensor_to_stock, stock_to_site_tensor
 from .describe import format_inspection, inspect_adapter
-from .errors import AdapterFileError
-from .merge import merge_adapter
+from .merge_mlp import merge_mlp_files
 from .read import KEY_PREFIX, PrefixPlusFiles, read_config_dict, read_prefix_plus_adapter, read_tensor_header
 from .write import atomic_directory, check_destination, write_adapter_files
 
@@ -20,7 +19,7 @@ __all__ = [
     "format_inspection",
     "import_from_peft",
     "inspect_adapter",
-    "merge_adapter",
+    "merge_mlp_files",
     "read_config_dict",
     "read_prefix_plus_adapter",
     "read_tensor_header",

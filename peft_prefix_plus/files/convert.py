@@ -16,11 +16,11 @@ from peft import PrefixTuningConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 
-from ..config import PrefixPlusConfig
-from ..layer import PrefixSiteEncoder, site_layout
-from ..model import PrefixPlusModel
-from .errors import AdapterFileError
-from .merge import merged_prefixes
+from ..errors import AdapterFileError, PrefixPlusValueError
+from ..tuner.config import PrefixPlusConfig
+from ..tuner.layer import PrefixSiteEncoder, site_layout
+from ..tuner.model import PrefixPlusModel
+from .merge_mlp import merged_prefixes
 from .read import (
     KEY_PREFIX,
     STOCK_PEFT_TYPE,
@@ -62,7 +62,7 @@ def stock_to_site_tensor(
     """
     expected = num_layers * 2 * num_key_value_heads * head_dim
     if prompt_embeddings.dim() != 2 or prompt_embeddings.shape[1] != expected:
-        raise ValueError(
+        raise PrefixPlusValueError(
             f"Stock prefix of shape {tuple(prompt_embeddings.shape)} does not fit {num_layers} layers x 2 x "
             f"{num_key_value_heads} key/value heads x {head_dim} head_dim (expected (num_virtual_tokens, {expected}))."
         )
@@ -87,7 +87,7 @@ def site_tensor_to_stock(prefix: torch.Tensor) -> torch.Tensor:
     ```
     """
     if prefix.dim() != 5 or prefix.shape[1] != 2:
-        raise ValueError(
+        raise PrefixPlusValueError(
             f"A PrefixPlus site tensor has shape (layers, 2, kv_heads, length, head_dim), got {tuple(prefix.shape)}."
         )
     layers, _, heads, length, head_dim = prefix.shape
@@ -114,7 +114,7 @@ def copy_stock_prefix(stock_model: nn.Module, model: nn.Module, adapter_name: st
     """
     encoder = _self_site_encoder(model, adapter_name)
     if encoder.is_projected:
-        raise ValueError(
+        raise PrefixPlusValueError(
             "The PrefixPlus adapter uses an MLP (prefix_projection=True); copy into a raw adapter "
             "(prefix_projection=False) or call merge_mlp() first."
         )
@@ -122,7 +122,9 @@ def copy_stock_prefix(stock_model: nn.Module, model: nn.Module, adapter_name: st
         stock = stock_model.get_prompt_embedding_to_save(adapter_name)
         layers, _, heads, length, head_dim = encoder.shape
         if stock.shape[0] != length:
-            raise ValueError(f"The stock prefix has {stock.shape[0]} virtual tokens, the PrefixPlus one {length}.")
+            raise PrefixPlusValueError(
+                f"The stock prefix has {stock.shape[0]} virtual tokens, the PrefixPlus one {length}."
+            )
         encoder.prefix.copy_(stock_to_site_tensor(stock, layers, heads, head_dim))
 
 
@@ -142,13 +144,17 @@ def _self_site_encoder(model: nn.Module, adapter_name: str) -> PrefixSiteEncoder
     """
     tuner = getattr(model, "base_model", None)
     if not isinstance(tuner, PrefixPlusModel):
-        raise ValueError(f"Expected a PeftModel with a PrefixPlus adapter, got {type(model).__name__}.")
+        raise PrefixPlusValueError(f"Expected a PeftModel with a PrefixPlus adapter, got {type(model).__name__}.")
     sites = tuner._layer.prefix_plus_sites
     if adapter_name not in sites or "self" not in sites[adapter_name]:
-        raise ValueError(f"The PrefixPlus model has no adapter {adapter_name!r} with a self-attention prefix.")
+        raise PrefixPlusValueError(
+            f"The PrefixPlus model has no adapter {adapter_name!r} with a self-attention prefix."
+        )
     encoder = sites[adapter_name]["self"]
     if len(encoder.slots) != tuner.peft_config[adapter_name].site_shapes["self"]["num_layers"]:
-        raise ValueError("Stock PEFT prefixes cover every layer; the PrefixPlus adapter uses `layers_to_transform`.")
+        raise PrefixPlusValueError(
+            "Stock PEFT prefixes cover every layer; the PrefixPlus adapter uses `layers_to_transform`."
+        )
     return encoder
 
 

@@ -8,7 +8,7 @@ from typing import Any, Union
 
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from ..hub.card import CARD_NAME
+from .card import CARD_NAME
 from .read import read_prefix_plus_adapter
 
 PathLike = Union[str, os.PathLike]

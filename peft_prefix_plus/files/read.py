@@ -20,18 +20,13 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import safe_open
 from torch import nn
 
-from ..config import PrefixPlusConfig
-from ..geometry import SiteGeometry, adapter_geometry, build_site_encoders, expected_counts
-from ..layer import PrefixPlusLayer, tensor_mismatches
-from ..model import LAYER_ATTR
-from ..peft_type import PEFT_TYPE_NAME
-from .errors import AdapterFileError
+from ..errors import AdapterFileError
+from ..tuner.config import PEFT_TYPE_NAME, PrefixPlusConfig
+from ..tuner.geometry import SiteGeometry, adapter_geometry, build_site_encoders, expected_counts
+from ..tuner.layer import KEY_PREFIX, is_modules_to_save_key, tensor_mismatches
 
 PathLike = Union[str, os.PathLike]
 
-#: Key prefix of PrefixPlus tensors in a saved adapter, followed by ``<site>.<parameter>`` (PEFT drops the adapter
-#: name when it saves).
-KEY_PREFIX = f"base_model.model.{LAYER_ATTR}.{PrefixPlusLayer.adapter_layer_names[0]}."
 STOCK_PEFT_TYPE = "PREFIX_TUNING"
 #: safetensors dtype names accepted in an adapter: floating point only.
 FLOAT_DTYPES: dict[str, torch.dtype] = {
@@ -212,32 +207,6 @@ def require_finite(tensors: dict[str, torch.Tensor], where: PathLike, action: st
         )
 
 
-def is_modules_to_save_key(key: str, modules_to_save: Any) -> bool:
-    """Whether ``key`` is a tensor PEFT saves for ``modules_to_save`` (e.g. a classification head).
-
-    PEFT wraps every module whose name ends with one of the names (a string suffix: ``"norm"`` also wraps
-    ``input_layernorm``) and saves its tensors under the module's name; keys holding ``modules_to_save`` are accepted
-    too.
-
-    Args:
-        key (`str`): A key of ``adapter_model.safetensors``.
-        modules_to_save (`list[str]`, *optional*): The config's ``modules_to_save``.
-
-    Example:
-
-    ```py
-    >>> is_modules_to_save_key("base_model.model.classifier.dense.weight", ["classifier"])
-    True
-    ```
-    """
-    parts = key.split(".")
-    if "modules_to_save" in parts:
-        return True
-    names = [name for name in modules_to_save if isinstance(name, str)] if isinstance(modules_to_save, list) else []
-    modules = (".".join(parts[:end]) for end in range(1, len(parts)))  # every module on the key's path
-    return any(module.endswith(name) for module in modules for name in names)
-
-
 @dataclass
 class PrefixPlusFiles:
     """A saved PrefixPlus adapter, read and validated by :func:`read_prefix_plus_adapter`.
@@ -246,7 +215,7 @@ class PrefixPlusFiles:
         directory (`Path`): The adapter directory.
         raw_config (`dict`): The content of ``adapter_config.json``.
         config ([`PrefixPlusConfig`]): The validated config.
-        geometry (`dict[str, SiteGeometry]`): Per site, from :func:`peft_prefix_plus.geometry.adapter_geometry`.
+        geometry (`dict[str, SiteGeometry]`): Per site, from :func:`peft_prefix_plus.tuner.geometry.adapter_geometry`.
         tensors (`dict[str, torch.Tensor]`): The PrefixPlus tensors keyed ``<site>.<parameter>``, as the encoders'
             ``state_dict()`` names them.
         extra_tensors (`dict[str, torch.Tensor]`): Other tensors (``modules_to_save``), keyed as in the file.

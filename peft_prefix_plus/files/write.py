@@ -22,7 +22,7 @@ from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save
 
-from .errors import AdapterFileError
+from ..errors import AdapterFileError
 
 try:  # serialises the final renames of concurrent writers on POSIX; elsewhere they are not serialised
     import fcntl

@@ -1,6 +1,6 @@
-"""The Hugging Face Hub: model cards (:mod:`.card`: built on ``huggingface_hub.ModelCard`` and PEFT's card writer)
-and pushing adapters (:mod:`.push`: ``push_adapter``, ``HubPushError``, the ``PeftModel`` hooks).
+"""Pushing adapters to the Hugging Face Hub (:mod:`.push`: ``push_adapter``). The model card is a file of the adapter
+folder and lives with the file tools (:mod:`peft_prefix_plus.files.card`); this package only pushes."""
 
-``push_adapter`` and ``HubPushError`` are also exported by ``peft_prefix_plus``. This package imports nothing itself:
-the adapter-file tools write cards through :mod:`.card`, and :mod:`.push` reads adapters through them.
-"""
+from .push import push_adapter
+
+__all__ = ["push_adapter"]

@@ -1,24 +1,15 @@
 """Pushing PrefixPlus adapters to the Hugging Face Hub.
 
 [`push_adapter`] uploads an adapter, from a `PeftModel` or from a directory written by ``save_pretrained``, with a
-PrefixPlus model card (see :mod:`peft_prefix_plus.hub.card`), in one commit. Every local input (the adapter files,
+PrefixPlus model card (see :mod:`peft_prefix_plus.files.card`), in one commit. Every local input (the adapter files,
 through the one validated reader; the metrics; the repo id) is checked before the first request to the Hub. Files are
 staged in a temporary directory: the model and the adapter directory are never modified.
 
-``import peft_prefix_plus`` calls [`install_peft_hooks`], which makes two PEFT methods dispatch on the adapter type
-(PEFT offers plugins no hook for cards):
-
-- ``PeftModel.push_to_hub`` runs [`push_adapter`] for PrefixPlus models. The stock method comes from transformers'
-  ``PushToHubMixin``, which replaces the card of a new repository with a plain transformers card.
-- ``PeftModel.create_or_update_model_card``, which ``save_pretrained`` calls, runs PEFT's own writer and then adds the
-  PrefixPlus section (:func:`~peft_prefix_plus.hub.card.create_or_update_model_card`).
-
-Models of every other PEFT type keep the stock behaviour.
+`PeftModel.push_to_hub` calls [`push_adapter`] for PrefixPlus models (see :mod:`peft_prefix_plus.integration`).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -31,32 +22,17 @@ import httpx2
 from huggingface_hub import CommitInfo, HfApi, constants
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
-from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from ..files.errors import AdapterFileError
+from ..errors import AdapterFileError, HubPushError
+from ..files import card
 from ..files.read import read_prefix_plus_adapter
-from ..model import PrefixPlusModel
-from . import card
+from ..tuner.model import PrefixPlusModel
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMMIT_MESSAGE = "Upload PrefixPlus adapter"
 NOTHING_SENT = "Nothing was sent to the Hub."
-
-
-class HubPushError(RuntimeError):
-    """Pushing an adapter to the Hub failed or was refused; the local files were not changed.
-
-    Example:
-
-    ```py
-    >>> try:
-    ...     push_adapter("out/adapter", "me/my-adapter", metrics="missing.json")
-    ... except HubPushError as error:
-    ...     print(error)  # names the problem; nothing was sent to the Hub
-    ```
-    """
 
 
 def is_prefix_plus_model(model: Any) -> bool:
@@ -144,7 +120,7 @@ def _check_local_inputs(
         raise HubPushError(f"Cannot read the metrics for the card: {error}. {NOTHING_SENT}") from None
     if not isinstance(model_or_dir, (str, os.PathLike)):
         if not is_prefix_plus_model(model_or_dir):
-            raise ValueError(
+            raise HubPushError(
                 f"push_adapter needs a PrefixPlus PeftModel or an adapter directory, got {type(model_or_dir)}."
             )
         return metrics, []
@@ -276,59 +252,3 @@ def push_adapter(
             f"Could not reach the Hub at {constants.ENDPOINT} to push {where}: {error}. Check the network connection "
             "and HF_ENDPOINT; nothing was committed and the local files were not changed."
         ) from error
-
-
-def install_peft_hooks() -> None:
-    """Make ``PeftModel.push_to_hub`` and ``PeftModel.create_or_update_model_card`` PrefixPlus-aware.
-
-    Each hook checks the adapter type of the model it is called on and calls the original method for every
-    non-PrefixPlus model, so stock PEFT behaviour is unchanged. Idempotent; called on ``import peft_prefix_plus``.
-
-    Example:
-
-    ```py
-    >>> import peft_prefix_plus  # installs the hooks
-    >>> peft_model.push_to_hub("me/my-adapter", private=True)  # adapter files and a PrefixPlus card
-    ```
-    """
-    if getattr(PeftModel.push_to_hub, "_prefix_plus_hook", False):
-        return
-    stock_push_to_hub = PeftModel.push_to_hub
-    stock_create_or_update_model_card = PeftModel.create_or_update_model_card
-
-    @functools.wraps(stock_push_to_hub)
-    def push_to_hub(self: PeftModel, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        if not is_prefix_plus_model(self):
-            return stock_push_to_hub(self, repo_id, *args, **kwargs)
-        if args:
-            raise TypeError("push_to_hub() takes the repo id as its only positional argument.")
-        kwargs.pop("max_shard_size", None)  # adapters are small: never sharded
-        if kwargs.pop("safe_serialization", True) is False:
-            raise ValueError("PrefixPlus adapters are pushed as safetensors only; drop safe_serialization=False.")
-        return push_adapter(self, repo_id, **kwargs)
-
-    @functools.wraps(stock_create_or_update_model_card)
-    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
-        if not is_prefix_plus_model(self):
-            return stock_create_or_update_model_card(self, output_dir)
-        foreign = self.base_model.foreign_adapter_modules()
-        if foreign:  # save_pretrained calls this hook: warn there
-            warnings.warn(
-                f"{len(foreign)} module(s) of this PrefixPlus model carry another PEFT method's adapter layers (e.g. "
-                f"{foreign[:3]}), put in by hand (`inject_adapter_in_model`); `save_pretrained` wrote only the "
-                "PrefixPlus tensors, so those weights are not in the saved adapter. Save them separately, e.g. with "
-                "`peft.get_peft_model_state_dict` and `safetensors.torch.save_file`.",
-                UserWarning,
-                stacklevel=3,
-            )
-        card.create_or_update_model_card(self, output_dir, peft_writer=stock_create_or_update_model_card)
-
-    push_to_hub.__doc__ = (
-        "Upload the adapter to the Hub. For PrefixPlus models this is `peft_prefix_plus.hub.push_adapter` (adapter "
-        "files and a PrefixPlus model card; also accepts `metrics=`); for other PEFT types, the stock method:\n\n"
-        + (stock_push_to_hub.__doc__ or "")
-    )
-    push_to_hub._prefix_plus_hook = True
-    create_or_update_model_card._prefix_plus_hook = True
-    PeftModel.push_to_hub = push_to_hub
-    PeftModel.create_or_update_model_card = create_or_update_model_card

@@ -8,7 +8,7 @@ One launch checks several things, to keep CI fast:
   decoder-only model (Llama) and an encoder-decoder model (T5) with all three sites;
 - configurations where parameters could go unused (``layers_to_transform``, a site of length 0) train under DDP
   without ``find_unused_parameters``;
-- resume: a run resumed from its step-k checkpoint (``peft_prefix_plus.checkpointing``) holds, at step 2k, the
+- resume: a run resumed from its step-k checkpoint (``peft_prefix_plus.training.checkpointing``) holds, at step 2k, the
   parameters of the uninterrupted run, with a shuffled seeded dataloader (``examples/training_utils.py``), gradient
   accumulation, an epoch boundary, prefix dropout (so the RNG state must be restored too) and a learning-rate schedule
   prepared with Accelerate (saved as ``scheduler.bin``, loaded with ``weights_only=True``).
@@ -35,7 +35,7 @@ from conftest import tiny_model  # noqa: E402
 from training_utils import make_dataloader, resume_position  # noqa: E402
 
 from peft_prefix_plus import PrefixPlusConfig  # noqa: E402
-from peft_prefix_plus.checkpointing import (  # noqa: E402
+from peft_prefix_plus.training.checkpointing import (  # noqa: E402
     load_checkpoint,
     register_adapter_checkpointing,
     save_checkpoint,

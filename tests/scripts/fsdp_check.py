@@ -25,7 +25,8 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_model  # noqa: E402
 
-from peft_prefix_plus import PrefixPlusConfig, PrefixSiteEncoder  # noqa: E402
+from peft_prefix_plus import PrefixPlusConfig
+from peft_prefix_plus.tuner import PrefixSiteEncoder  # noqa: E402
 
 torch.set_default_dtype(torch.float64)
 STEPS, GLOBAL_BATCH, SEQ, LR = 3, 4, 6, 1e-2

@@ -15,8 +15,8 @@ from typing import Union
 import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from ..hub.card import CARD_NAME, adapter_summary, write_card
-from ..merge import mark_config_merged, merge_site_encoders
+from ..tuner.merge import mark_config_merged, merge_site_encoders
+from .card import CARD_NAME, adapter_summary, write_card
 from .read import KEY_PREFIX, PrefixPlusFiles, read_prefix_plus_adapter, require_finite
 from .write import atomic_directory, check_destination, write_adapter_files
 
@@ -95,7 +95,7 @@ def merged_prefixes(adapter: PrefixPlusFiles, action: str) -> tuple[dict[str, to
     return prefixes, merged
 
 
-def merge_adapter(src: PathLike, dst: PathLike, overwrite: bool = False) -> Path:
+def merge_mlp_files(src: PathLike, dst: PathLike, overwrite: bool = False) -> Path:
     """Merge the MLP of a saved PrefixPlus adapter into raw prefixes, using only its files.
 
     Gives the same tensors as `peft_model.merge_mlp()` followed by `save_pretrained`, without the base model. An
@@ -118,8 +118,8 @@ def merge_adapter(src: PathLike, dst: PathLike, overwrite: bool = False) -> Path
     Example:
 
     ```py
-    >>> from peft_prefix_plus import merge_adapter
-    >>> merge_adapter("checkpoints/best", "adapters/merged")
+    >>> from peft_prefix_plus import merge_mlp_files
+    >>> merge_mlp_files("checkpoints/best", "adapters/merged")
     ```
     """
     check_destination(dst, overwrite=overwrite, sources=(src,))

@@ -25,6 +25,8 @@ from typing import Any, Optional
 import torch
 from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
 
+from ..errors import PrefixPlusValueError
+
 #: Attribute of a cache object holding its seeded layers, keyed ``(site, layer index)``.
 SEEDED_ATTR = "_prefix_plus_seeded"
 
@@ -90,7 +92,7 @@ class PrefixedCacheLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new states, writing the prefix in front of the first ones."""
         if getattr(self.owner, "unloaded", False):
-            raise ValueError(
+            raise PrefixPlusValueError(
                 "This KV cache holds a PrefixPlus prefix in front of its keys, but the model that seeded it was "
                 "unloaded (`unload()`): the base model would read the prefix as real tokens. Start a new cache "
                 "(call `generate` or the model without `cache`)."

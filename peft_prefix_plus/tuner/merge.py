@@ -6,25 +6,21 @@ prefix parameters they produce. The merged adapter gives the same outputs, is as
 the MLP in the forward pass, and can be trained further as a raw prefix.
 
 The same function (:func:`merge_site_encoders`) serves the on-disk merge of
-:func:`peft_prefix_plus.files.merge_adapter`, which loads a saved adapter into the real encoders: both give
+:func:`peft_prefix_plus.files.merge_mlp_files`, which loads a saved adapter into the real encoders: both give
 identical tensors by construction.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .config import PrefixPlusConfig
 from .layer import PrefixSiteEncoder, site_layout
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import PrefixPlusModel
 
 
 @torch.no_grad()
@@ -41,7 +37,7 @@ def project_in_float32(
 
     Args:
         embedding (`torch.Tensor`): The prefix embedding, shape ``(num_virtual_tokens, token_dim)``.
-        mlp (`nn.Sequential`): The prefix MLP (see `peft_prefix_plus.layer.build_mlp`).
+        mlp (`nn.Sequential`): The prefix MLP (see `peft_prefix_plus.tuner.layer.build_mlp`).
         shape (`tuple`): The site shape ``(num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``.
         dtype (`torch.dtype`): The dtype of the result (the dtype of the adapter's parameters).
         offset (`torch.Tensor`, *optional*): A fixed prefix the MLP's output is added to (text initialisation's
@@ -96,7 +92,7 @@ def merge_site_encoder(encoder: PrefixSiteEncoder) -> bool:
 
 def merge_site_encoders(encoders: Iterable[PrefixSiteEncoder]) -> bool:
     """Merge every site encoder of one adapter (see :func:`merge_site_encoder`): used in memory by `merge_mlp` and on
-    disk by `peft_prefix_plus.files.merge_adapter`.
+    disk by `peft_prefix_plus.files.merge_mlp_files`.
 
     Args:
         encoders (`Iterable[PrefixSiteEncoder]`): The encoders of one adapter, one per site.
@@ -145,51 +141,3 @@ def mark_config_merged(config: PrefixPlusConfig) -> None:
     """
     config.merged_from = merged_from_record(config)
     config.prefix_projection = False
-
-
-def merge_mlp(tuner: PrefixPlusModel, adapter_names: Optional[Union[str, Iterable[str]]] = None) -> list[str]:
-    """Merge the prefix MLP of PrefixPlus adapters into raw prefixes (see `PrefixPlusModel.merge_mlp`).
-
-    Args:
-        tuner ([`PrefixPlusModel`]): The PrefixPlus tuner (``peft_model.base_model``).
-        adapter_names (`str` or `list[str]`, *optional*): The adapters to merge; `None` means the active adapters.
-
-    Returns:
-        `list[str]`: The adapters that were merged. Adapters that were already raw are skipped with a warning.
-
-    Example:
-
-    ```py
-    >>> merge_mlp(peft_model.base_model)
-    ['default']
-    ```
-    """
-    if adapter_names is None:
-        names = list(tuner.active_adapters)
-    elif isinstance(adapter_names, str):
-        names = [adapter_names]
-    else:
-        names = list(adapter_names)
-    layer = tuner._layer
-    unknown = [name for name in names if name not in tuner.peft_config or name not in layer.prefix_plus_sites]
-    if unknown:
-        raise ValueError(
-            f"No PrefixPlus adapter named {unknown}; the model has {sorted(layer.prefix_plus_sites.keys())}."
-        )
-    merged = []
-    for name in names:
-        config: PrefixPlusConfig = tuner.peft_config[name]
-        if not merge_site_encoders(layer.prefix_plus_sites[name].values()):
-            warnings.warn(
-                f"PrefixPlus adapter {name!r} already holds raw prefixes (prefix_projection=False): "
-                "there is no MLP to merge, nothing was changed.",
-                UserWarning,
-                stacklevel=3,
-            )
-            continue
-        # a copy: PEFT keeps the config object the caller passed, which may configure other models too
-        config = copy.deepcopy(config)
-        mark_config_merged(config)
-        tuner.peft_config[name] = config
-        merged.append(name)
-    return merged

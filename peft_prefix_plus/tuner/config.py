@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
-from peft.utils.constants import DUMMY_TARGET_MODULES, SAFETENSORS_WEIGHTS_NAME
+from peft.utils.constants import DUMMY_TARGET_MODULES
 from transformers.activations import ACT2FN
 
-from .peft_type import PEFT_TYPE_NAME, add_peft_type_member
+from ..errors import PrefixPlusConfigError
 
-add_peft_type_member(PEFT_TYPE_NAME)
+#: The name of the PEFT method; `peft_prefix_plus.integration` adds it to PEFT's ``PeftType`` enum.
+PEFT_TYPE_NAME = "PREFIX_PLUS"
 
 #: The attention sites a PrefixPlus adapter can reach. ``"self"`` is the self-attention of a decoder-only or
 #: encoder-only model, and the decoder self-attention of an encoder-decoder model.
@@ -167,15 +167,7 @@ class PrefixPlusConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """Load a saved config, marked as loaded: the adapter it creates takes its prefixes from the saved weights, so
-        `init_weights="text"` runs no text pass (and needs no tokenizer) when it is loaded. A local adapter directory
-        is first validated against its safetensors header (`files.read.check_prefix_plus_adapter`)."""
-        directory = Path(pretrained_model_name_or_path, subfolder or "")
-        if (directory / SAFETENSORS_WEIGHTS_NAME).is_file():
-            # a local adapter is checked against its safetensors header before anything is built from its config:
-            # an absurd edited config is refused at once, and no base-model tensor planted in the file is loaded
-            from .files.read import check_prefix_plus_adapter
-
-            check_prefix_plus_adapter(directory)
+        `init_weights="text"` runs no text pass (and needs no tokenizer) when it is loaded."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if isinstance(config, PrefixPlusConfig):
             config._loaded = True
@@ -191,55 +183,61 @@ class PrefixPlusConfig(PeftConfig):
                 _check_int(name, getattr(self, name), minimum=0 if "virtual" in name else 1)
         for name in ("prefix_projection", "offset_position_ids"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+                raise PrefixPlusConfigError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.prefix_projection:
             if isinstance(self.mlp_depth, bool) or not isinstance(self.mlp_depth, int) or self.mlp_depth < 1:
-                raise ValueError(
+                raise PrefixPlusConfigError(
                     f"`mlp_depth` must be an integer >= 1 when `prefix_projection=True`, got {self.mlp_depth!r}. "
                     "Use `prefix_projection=False` for raw prefixes without an MLP."
                 )
             if not isinstance(self.mlp_activation, str) or self.mlp_activation not in ACT2FN:
-                raise ValueError(
+                raise PrefixPlusConfigError(
                     f"Unknown `mlp_activation` {self.mlp_activation!r}; use a name from "
                     f"transformers.activations.ACT2FN, e.g. 'tanh', 'gelu', 'relu' or 'silu'."
                 )
         dropout = self.prefix_dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"`prefix_dropout` must be a number in [0, 1), got {dropout!r}.")
+            raise PrefixPlusConfigError(f"`prefix_dropout` must be a number in [0, 1), got {dropout!r}.")
         if isinstance(self.init_weights, bool):
             # PEFT's convention: True = the method's default initialisation, False = random (for tests); both are
             # PrefixPlus's random initialisation, which is saved as "random"
             self.init_weights = "random"
         if not isinstance(self.init_weights, str) or self.init_weights not in INIT_WEIGHTS:
-            raise ValueError(f"`init_weights` must be one of {INIT_WEIGHTS}, got {self.init_weights!r}.")
+            raise PrefixPlusConfigError(f"`init_weights` must be one of {INIT_WEIGHTS}, got {self.init_weights!r}.")
         if self.init_weights == "text":
             if not isinstance(self.init_text, str) or not self.init_text.strip():
-                raise ValueError('`init_weights="text"` needs `init_text`, a non-empty string to initialise from.')
+                raise PrefixPlusConfigError(
+                    '`init_weights="text"` needs `init_text`, a non-empty string to initialise from.'
+                )
         elif self.init_text is not None:
-            raise ValueError(
+            raise PrefixPlusConfigError(
                 f'`init_text` is only used with `init_weights="text"`, got init_weights={self.init_weights!r}.'
             )
         if self.tokenizer_name_or_path is not None and not isinstance(self.tokenizer_name_or_path, str):
-            raise ValueError(f"`tokenizer_name_or_path` must be a string, got {self.tokenizer_name_or_path!r}.")
+            raise PrefixPlusConfigError(
+                f"`tokenizer_name_or_path` must be a string, got {self.tokenizer_name_or_path!r}."
+            )
         if self.layers_to_transform is not None:
             if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
                 self.layers_to_transform = [self.layers_to_transform]
             if not isinstance(self.layers_to_transform, (list, tuple)):
-                raise ValueError(
+                raise PrefixPlusConfigError(
                     f"`layers_to_transform` must be a list of layer indices, got {self.layers_to_transform!r}."
                 )
             layers = list(self.layers_to_transform)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
-                raise ValueError(
+                raise PrefixPlusConfigError(
                     f"`layers_to_transform` must be a non-empty list of non-negative layer indices, got {layers!r}."
                 )
             if len(set(layers)) != len(layers):
-                raise ValueError(f"`layers_to_transform` contains duplicates: {layers!r}.")
+                raise PrefixPlusConfigError(f"`layers_to_transform` contains duplicates: {layers!r}.")
             self.layers_to_transform = sorted(layers)
         if self.site_shapes is not None:
-            _check_site_shapes(self.site_shapes)
+            check_site_shapes_value(self.site_shapes)
         if self.merged_from is not None and not isinstance(self.merged_from, dict):
-            raise ValueError(f"`merged_from` must be a dict (set by merge_mlp) or None, got {self.merged_from!r}.")
+            raise PrefixPlusConfigError(
+                f"`merged_from` must be a dict (set by merge_mlp) or None, got {self.merged_from!r}."
+            )
 
     def site_lengths(self, is_encoder_decoder: bool) -> dict[str, int]:
         """Prefix length of each site that exists for this kind of model (lengths may be 0).
@@ -268,27 +266,30 @@ class PrefixPlusConfig(PeftConfig):
         }
 
 
-_SHAPE_FIELDS = ("num_layers", "num_key_value_heads", "head_dim")
+#: The keys of each entry of `PrefixPlusConfig.site_shapes`.
+SITE_SHAPE_KEYS: tuple[str, ...] = ("num_layers", "num_key_value_heads", "head_dim")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     """Refuse anything but an integer >= ``minimum`` (booleans and numeric strings included), naming the field."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a non-negative integer" if minimum == 0 else "a positive integer"
-        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
+        raise PrefixPlusConfigError(f"`{name}` must be {kind}, got {value!r}.")
 
 
-def _check_site_shapes(site_shapes: Any) -> None:
+def check_site_shapes_value(site_shapes: Any) -> None:
     """`site_shapes` as PrefixPlus writes it: per known site, positive `num_layers`, `num_key_value_heads`, `head_dim`."""
     if not isinstance(site_shapes, dict) or not site_shapes:
-        raise ValueError(
+        raise PrefixPlusConfigError(
             f"`site_shapes` must map sites {SITES} to their shapes, got {site_shapes!r}. It is filled in when the "
             "adapter is created; if adapter_config.json was edited by hand, restore it from the saved adapter."
         )
     for site, shape in site_shapes.items():
         if site not in SITES:
-            raise ValueError(f"`site_shapes` names an unknown site {site!r}; sites are {SITES}.")
-        if not isinstance(shape, dict) or set(shape) != set(_SHAPE_FIELDS):
-            raise ValueError(f"`site_shapes[{site!r}]` must have exactly the keys {_SHAPE_FIELDS}, got {shape!r}.")
-        for key in _SHAPE_FIELDS:
+            raise PrefixPlusConfigError(f"`site_shapes` names an unknown site {site!r}; sites are {SITES}.")
+        if not isinstance(shape, dict) or set(shape) != set(SITE_SHAPE_KEYS):
+            raise PrefixPlusConfigError(
+                f"`site_shapes[{site!r}]` must have exactly the keys {SITE_SHAPE_KEYS}, got {shape!r}."
+            )
+        for key in SITE_SHAPE_KEYS:
             _check_int(f"site_shapes[{site!r}][{key!r}]", shape[key], minimum=1)

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,8 +32,10 @@ from huggingface_hub.utils import validate_repo_id
 from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.utils import get_peft_model_state_dict
 
-from ..config import PrefixPlusConfig
-from ..geometry import adapter_geometry, build_site_encoders, is_encoder_decoder
+from ..errors import PrefixPlusValueError
+from ..tuner.config import PrefixPlusConfig
+from ..tuner.geometry import adapter_geometry, build_site_encoders, is_encoder_decoder
+from .write import atomic_file
 
 DISTRIBUTION = "peft-prefix-plus"
 CARD_NAME = "README.md"
@@ -214,9 +215,11 @@ def load_metrics(metrics: Union[Mapping[str, Any], str, os.PathLike, None]) -> O
             try:
                 metrics = json.load(file)
             except json.JSONDecodeError as error:
-                raise ValueError(f"The metrics file {os.fspath(metrics)} is not valid JSON: {error}.") from None
+                raise PrefixPlusValueError(
+                    f"The metrics file {os.fspath(metrics)} is not valid JSON: {error}."
+                ) from None
     if metrics is not None and not isinstance(metrics, Mapping):
-        raise ValueError(f"Metrics must be a mapping of names to values, got {type(metrics).__name__}.")
+        raise PrefixPlusValueError(f"Metrics must be a mapping of names to values, got {type(metrics).__name__}.")
     return None if metrics is None else dict(metrics)
 
 
@@ -390,17 +393,6 @@ def _read(path: str) -> Union[ModelCard, None, bool]:
         return False
 
 
-def _save(card: ModelCard, path: str) -> None:
-    """Write ``card`` atomically: a temporary file (created under the umask) renamed into place."""
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        card.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_card(
     directory: Union[str, os.PathLike],
     adapters: Sequence[AdapterSummary],
@@ -432,7 +424,8 @@ def write_card(
     if card is False:
         return None
     card = update_card(card, adapters, adapter_id or os.fspath(directory), base_model, metrics, tags, revision)
-    _save(card, path)
+    with atomic_file(path) as tmp:
+        card.save(tmp)
     return card
 
 
@@ -471,7 +464,8 @@ def create_or_update_model_card(
     added = [tag for tag in peft_card.data.tags or () if not tag.startswith(ADAPTER_TAG) or _names_hub_model(tag)]
     peft_card.data.tags = list(dict.fromkeys([*(card.data.tags or ()), *added]))
     peft_card.data.base_model = card.data.base_model
-    _save(peft_card, path)
+    with atomic_file(path) as tmp:
+        peft_card.save(tmp)
     return peft_card
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from ..errors import PrefixPlusConfigError
 from .config import PrefixPlusConfig
 from .discovery import execution_device
 from .layer import PrefixPlusLayer
@@ -26,25 +27,25 @@ def text_token_ids(model: nn.Module, config: PrefixPlusConfig, length: int) -> t
     """
     name = config.tokenizer_name_or_path or getattr(model.config, "name_or_path", None)
     if not name:
-        raise ValueError(
+        raise PrefixPlusConfigError(
             'init_weights="text" needs a tokenizer for `init_text`: set `tokenizer_name_or_path` in the '
             "PrefixPlusConfig (the base model does not record the path it was loaded from)."
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise ValueError(
+        raise PrefixPlusConfigError(
             f'init_weights="text" could not load the tokenizer {name!r} ({error}); set `tokenizer_name_or_path` to '
             "a local tokenizer directory or a Hub id that is available."
         ) from error
     ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ValueError(f"`init_text` {config.init_text!r} has no tokens for the tokenizer {name!r}.")
+        raise PrefixPlusConfigError(f"`init_text` {config.init_text!r} has no tokens for the tokenizer {name!r}.")
     ids = ids[:length]
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(embeddings, "num_embeddings", None)
     if vocab is not None and max(ids) >= vocab:
-        raise ValueError(
+        raise PrefixPlusConfigError(
             f"The tokenizer {name!r} gives `init_text` {config.init_text!r} token id {max(ids)}, but the model's "
             f"vocabulary has {vocab} tokens (ids 0 to {vocab - 1}): the tokenizer does not belong to this model. Set "
             "`tokenizer_name_or_path` to the base model's tokenizer."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from contextlib import contextmanager
@@ -15,6 +16,13 @@ from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..errors import (
+    AdapterFileError,
+    PrefixPlusConfigError,
+    PrefixPlusTypeError,
+    PrefixPlusValueError,
+    UnsupportedError,
+)
 from .attention import (
     CALL_KWARG,
     FOREIGN_CACHE_MESSAGE,
@@ -32,11 +40,17 @@ from .config import PrefixPlusConfig
 from .discovery import AttentionSite, discover_attention_sites, execution_device, stack_keywords_reach_attention
 from .geometry import layer_indices
 from .kv_cache import PrefixedCacheLayer, cache_layer, seed_prefix_cache
-from .layer import MERGE_INTO_WEIGHTS_MESSAGE, PrefixPlusLayer
-from .merge import merge_mlp
+from .layer import (
+    KEY_MARKER,
+    LAYER_ATTR,
+    MERGE_INTO_WEIGHTS_MESSAGE,
+    SITES_ATTR,
+    PrefixPlusLayer,
+    is_modules_to_save_key,
+)
+from .merge import mark_config_merged, merge_site_encoders
 from .text_init import initialise_from_text
 
-LAYER_ATTR = "prefix_plus_layer"
 #: Keyword argument by which a temporary hook hands per-call options (`PrefixCall` fields) to the stack hook.
 OPTIONS_KWARG = "prefix_plus_options"
 #: transformers' continuous batching (`generate_batch`, `continuous_batching_context_manager`,
@@ -52,7 +66,7 @@ CONTINUOUS_BATCHING_MESSAGE = (
 
 def _refuse_continuous_batching(*args: Any, **kwargs: Any) -> Any:
     """Stands in for the base model's `init_continuous_batching` while PrefixPlus adapters are attached."""
-    raise ValueError(CONTINUOUS_BATCHING_MESSAGE)
+    raise UnsupportedError(CONTINUOUS_BATCHING_MESSAGE)
 
 
 #: A decoder attention module that seeds its prefix into the generation cache: (site, layer index, cache index).
@@ -132,7 +146,7 @@ class PrefixPlusModel(BaseTuner):
 
     prefix: str = "prefix_plus_"
     #: During generation, write each prefix into the front of the KV cache once, so that every decoding step is the
-    #: model's own attention call (see `peft_prefix_plus.kv_cache`). `False` attends the prefix and the cache apart.
+    #: model's own attention call (see `peft_prefix_plus.tuner.kv_cache`). `False` attends the prefix and the cache apart.
     seeds_kv_cache: bool = True
     tuner_layer_cls = PrefixPlusLayer
     target_module_mapping: dict[str, list[str]] = {}
@@ -149,9 +163,9 @@ class PrefixPlusModel(BaseTuner):
     ) -> None:
         config: PrefixPlusConfig = self.peft_config[adapter_name]
         if not isinstance(config, PrefixPlusConfig):
-            raise ValueError(f"PrefixPlusModel needs a PrefixPlusConfig, got {type(config).__name__}.")
+            raise PrefixPlusValueError(f"PrefixPlusModel needs a PrefixPlusConfig, got {type(config).__name__}.")
         if adapter_name == "__base__":
-            raise ValueError(
+            raise PrefixPlusValueError(
                 "'__base__' is reserved: in `adapter_names` it marks the rows that get no prefix. Choose another "
                 "adapter name."
             )
@@ -174,7 +188,7 @@ class PrefixPlusModel(BaseTuner):
         )
 
     def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - no module is replaced
-        raise NotImplementedError("PrefixPlus replaces no module.")
+        raise UnsupportedError("PrefixPlus replaces no module.")
 
     def _check_target_module_exists(self, *args: Any, **kwargs: Any) -> bool:
         return False
@@ -185,7 +199,9 @@ class PrefixPlusModel(BaseTuner):
             return self._sites
         config = getattr(model, "config", None)
         if config is None or not hasattr(config, "_attn_implementation"):
-            raise ValueError(f"PrefixPlus needs a transformers model (PreTrainedModel), got {type(model).__name__}.")
+            raise UnsupportedError(
+                f"PrefixPlus needs a transformers model (PreTrainedModel), got {type(model).__name__}."
+            )
         self._is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         # a wrapped implementation alone is no sign of adapters: the config object may be shared with another model
         # that carries them (both then run PrefixPlus's attention, each with its own routes and prefixes)
@@ -193,14 +209,14 @@ class PrefixPlusModel(BaseTuner):
             UNWRAPPED_IMPLEMENTATIONS.get(c._attn_implementation, c._attn_implementation) for c in model_configs(model)
         }
         if hasattr(model, LAYER_ATTR) or any(has_route(module) for module in model.modules()):
-            raise ValueError(
+            raise PrefixPlusValueError(
                 f"This {type(model).__name__} already carries PrefixPlus adapters: it was passed to `get_peft_model` "
                 "before (its attention is now PrefixPlus's). Add another adapter with "
                 "`peft_model.add_adapter(name, config)`, or call `peft_model.unload()` first to get the base model back."
             )
         unsupported = implementations - set(WRAPPED_IMPLEMENTATIONS)
         if unsupported:
-            raise ValueError(
+            raise UnsupportedError(
                 f"PrefixPlus supports attn_implementation 'eager' and 'sdpa'; the model uses {sorted(unsupported)}. "
                 "Load the model with attn_implementation='sdpa' (or 'eager')."
             )
@@ -280,12 +296,12 @@ class PrefixPlusModel(BaseTuner):
         if not self._is_encoder_decoder:
             for name in ("encoder_num_virtual_tokens", "cross_num_virtual_tokens"):
                 if getattr(config, name) is not None:
-                    raise ValueError(
+                    raise PrefixPlusConfigError(
                         f"`{name}` is set to {getattr(config, name)}, but {model_type!r} is not an encoder-decoder "
                         "model: it has no encoder self-attention or cross-attention. Leave it as None."
                     )
         elif config.offset_position_ids:
-            raise ValueError(
+            raise PrefixPlusConfigError(
                 f"`offset_position_ids=True` is supported for decoder-only models only; {model_type!r} is an "
                 "encoder-decoder model. Leave it as False."
             )
@@ -293,12 +309,12 @@ class PrefixPlusModel(BaseTuner):
         if config.task_type in causal_lm and causal_lm[config.task_type] != self._is_encoder_decoder:
             expected = "SEQ_2_SEQ_LM" if self._is_encoder_decoder else "CAUSAL_LM"
             kind = "an encoder-decoder" if self._is_encoder_decoder else "a decoder-only"
-            raise ValueError(
+            raise PrefixPlusConfigError(
                 f"`task_type={config.task_type!r}` does not fit {model_type!r}, which is {kind} model; use "
                 f"`task_type={expected!r}`."
             )
         if config.offset_position_ids and not any(getattr(m, "is_causal", True) for m in sites["self"].modules):
-            raise ValueError(
+            raise PrefixPlusConfigError(
                 f"`offset_position_ids=True` is supported for decoder-only models only; {model_type!r} is an "
                 "encoder-only model (its self-attention is not causal). Leave it as False."
             )
@@ -310,14 +326,14 @@ class PrefixPlusModel(BaseTuner):
                 stacklevel=2,
             )
         if config.offset_position_ids and not self._accepts_position_ids:
-            raise ValueError(
+            raise PrefixPlusConfigError(
                 f"`offset_position_ids=True` needs a model whose forward takes `position_ids`; {model_type!r} does not."
             )
         if config.layers_to_transform is not None:
             for site, length in lengths.items():
                 count = len(sites[site].modules) if site in sites else 0
                 if length and max(config.layers_to_transform) >= count:
-                    raise ValueError(
+                    raise PrefixPlusConfigError(
                         f"`layers_to_transform` {config.layers_to_transform} is out of range: the '{site}' attention "
                         f"of {model_type!r} has {count} layers (valid indices 0 to {count - 1})."
                     )
@@ -335,7 +351,7 @@ class PrefixPlusModel(BaseTuner):
                     continue
                 expected, actual = config.site_shapes.get(site), shapes.get(site)
                 if expected != actual:
-                    raise ValueError(
+                    raise PrefixPlusConfigError(
                         f"The adapter was made for a model whose '{site}' attention has {expected} (layers, key/value "
                         f"heads, head dimension), but this {model_type!r} model has {actual}. Load the adapter onto the "
                         "base model it was trained with."
@@ -385,7 +401,7 @@ class PrefixPlusModel(BaseTuner):
         tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
         extra = cache.get_seq_length() + tokens.shape[1] - mask.shape[-1] if tokens is not None else 0
         if extra > 0 and extra == self._layer.active_length("self"):
-            raise ValueError(REBUILT_CACHE_MESSAGE.format(extra=extra))
+            raise PrefixPlusValueError(REBUILT_CACHE_MESSAGE.format(extra=extra))
 
     def _before_attention(
         self, seeds: tuple[Seed, ...], module: nn.Module, args: tuple, kwargs: dict
@@ -415,7 +431,7 @@ class PrefixPlusModel(BaseTuner):
             found = cache_layer(cache, site, cache_index)
             if isinstance(found, PrefixedCacheLayer):
                 if found.owner is not layer.cache_owner:
-                    raise ValueError(FOREIGN_CACHE_MESSAGE)
+                    raise PrefixPlusValueError(FOREIGN_CACHE_MESSAGE)
             elif seeding and (found is None or (type(found) is DynamicLayer and not found.is_initialized)):
                 prefix = layer.prefix_for(site, index, rows)
                 if prefix is not None:
@@ -440,7 +456,7 @@ class PrefixPlusModel(BaseTuner):
             return tuple(names)
         batch = tokens.shape[0]
         if batch % len(names):
-            raise ValueError(
+            raise PrefixPlusValueError(
                 f"`adapter_names` has {len(names)} entries, but the batch has {batch} rows; pass one adapter name "
                 "per input row."
             )
@@ -461,17 +477,21 @@ class PrefixPlusModel(BaseTuner):
             yield
             return
         if self.training:
-            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call `model.eval()`.")
+            raise PrefixPlusValueError(
+                "Cannot pass `adapter_names` when the model is in training mode; call `model.eval()`."
+            )
         if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
-            raise TypeError(f"`adapter_names` must be a list of adapter names, one per row; got {adapter_names!r}.")
+            raise PrefixPlusTypeError(
+                f"`adapter_names` must be a list of adapter names, one per row; got {adapter_names!r}."
+            )
         unknown = sorted({name for name in adapter_names if name != "__base__"} - set(self.peft_config))
         if unknown:
-            raise ValueError(
+            raise PrefixPlusValueError(
                 f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Loaded adapters: "
                 f"{sorted(self.peft_config)}; use '__base__' for rows that should get no prefix."
             )
         if not adapter_names:
-            raise ValueError("`adapter_names` is empty; pass one adapter name per input row.")
+            raise PrefixPlusValueError("`adapter_names` is empty; pass one adapter name per input row.")
         # modules_to_save (e.g. a classification head): each row goes through its own adapter's copy, as in LoRA
         handles = [
             module.register_forward_pre_hook(partial(_saved_module_rows, names=list(adapter_names)), with_kwargs=True)
@@ -574,7 +594,35 @@ class PrefixPlusModel(BaseTuner):
         ['default']
         ```
         """
-        return merge_mlp(self, adapter_names)
+        if adapter_names is None:
+            names = list(self.active_adapters)
+        elif isinstance(adapter_names, str):
+            names = [adapter_names]
+        else:
+            names = list(adapter_names)
+        layer = self._layer
+        unknown = [name for name in names if name not in self.peft_config or name not in layer.prefix_plus_sites]
+        if unknown:
+            raise PrefixPlusValueError(
+                f"No PrefixPlus adapter named {unknown}; the model has {sorted(layer.prefix_plus_sites.keys())}."
+            )
+        merged = []
+        for name in names:
+            config: PrefixPlusConfig = self.peft_config[name]
+            if not merge_site_encoders(layer.prefix_plus_sites[name].values()):
+                warnings.warn(
+                    f"PrefixPlus adapter {name!r} already holds raw prefixes (prefix_projection=False): "
+                    "there is no MLP to merge, nothing was changed.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                continue
+            # a copy: PEFT keeps the config object the caller passed, which may configure other models too
+            config = copy.deepcopy(config)
+            mark_config_merged(config)
+            self.peft_config[name] = config
+            merged.append(name)
+        return merged
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete the adapter ``adapter_name``; if it was active, the first remaining adapter becomes active.
@@ -583,7 +631,9 @@ class PrefixPlusModel(BaseTuner):
             adapter_name (`str`): Name of the adapter to delete.
         """
         if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} does not exist; adapters: {sorted(self.peft_config)}.")
+            raise PrefixPlusValueError(
+                f"Adapter {adapter_name!r} does not exist; adapters: {sorted(self.peft_config)}."
+            )
         del self.peft_config[adapter_name]
         # PEFT's generic deletion skips modules whose name contains the method prefix, as ours does
         layer = self._layer
@@ -597,7 +647,7 @@ class PrefixPlusModel(BaseTuner):
         Raises:
             ValueError: Always, naming the way to combine adapters: activate several at once.
         """
-        raise ValueError(
+        raise UnsupportedError(
             "`add_weighted_adapter` is not supported for PrefixPlus adapters: a prefix is a set of extra keys and "
             "values that attention reads, and a weighted sum of two prefixes is not a combination of what they do. "
             "To use several adapters together, activate them at once, e.g. "
@@ -614,10 +664,10 @@ class PrefixPlusModel(BaseTuner):
         ]
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(MERGE_INTO_WEIGHTS_MESSAGE)
+        raise UnsupportedError(MERGE_INTO_WEIGHTS_MESSAGE)
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        raise ValueError(MERGE_INTO_WEIGHTS_MESSAGE)
+        raise UnsupportedError(MERGE_INTO_WEIGHTS_MESSAGE)
 
     def unload(self) -> nn.Module:
         """Remove PrefixPlus from the model and return the base model, which computes exactly as before.
@@ -652,23 +702,20 @@ class PrefixPlusModel(BaseTuner):
         cls, model: nn.Module, config: PrefixPlusConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """PEFT's key remapping at load, preceded by the check that the saved tensors match the adapter's config."""
-        from .files.read import is_modules_to_save_key  # the file tools import this module
-
         foreign = [
             key
             for key in state_dict
             if f"{LAYER_ATTR}." not in key and not is_modules_to_save_key(key, config.modules_to_save)
         ]
         if foreign:
-            raise ValueError(
+            raise AdapterFileError(
                 f"The saved weights of PrefixPlus adapter {adapter_name!r} hold tensors that are neither PrefixPlus "
                 f"tensors nor `modules_to_save` copies: {foreign[:5]}. Loading them would overwrite the base model's "
                 "weights; remove them from adapter_model.safetensors, or declare their modules in `modules_to_save`."
             )
         layer = next((m for m in model.modules() if isinstance(m, PrefixPlusLayer)), None)
         if layer is not None and adapter_name in layer.prefix_plus_sites:
-            marker = f"{LAYER_ATTR}.prefix_plus_sites."
-            found = {key.split(marker, 1)[1]: t for key, t in state_dict.items() if marker in key}
+            found = {key.split(KEY_MARKER, 1)[1]: t for key, t in state_dict.items() if KEY_MARKER in key}
             layer.check_saved_weights(adapter_name, found)
         return super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
@@ -676,10 +723,10 @@ class PrefixPlusModel(BaseTuner):
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        # keys look like '...prefix_plus_layer.prefix_plus_sites.<adapter>.<site>.mlp.0.weight'
-        marker = f".prefix_plus_sites.{adapter_name}."
+        # keys look like "...prefix_plus_layer.prefix_plus_sites.<adapter>.<site>.mlp.0.weight"
+        marker = f".{SITES_ATTR}.{adapter_name}."
         if marker in key:
-            return key.replace(marker, ".prefix_plus_sites.", 1)
+            return key.replace(marker, f".{SITES_ATTR}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
     def _prepare_adapter_config(self, peft_config: PrefixPlusConfig, model_config: dict) -> PrefixPlusConfig:

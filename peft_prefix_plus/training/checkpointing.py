@@ -49,8 +49,8 @@ from peft import PeftConfig, PeftModel, load_peft_weights, set_peft_model_state_
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError
 
-from .files.errors import AdapterFileError
-from .files.write import atomic_directory, atomic_file, temporary_sibling  # the package's one atomic writer
+from ..errors import AdapterFileError, CheckpointError, PrefixPlusValueError
+from ..files.write import atomic_directory, atomic_file, temporary_sibling  # the package's one atomic writer
 
 try:  # the lock that keeps a second run out of a checkpoint folder; without it (Windows) nothing is locked
     import fcntl
@@ -89,10 +89,6 @@ SHAPE_FIELDS = (
     "init_weights",
     "modules_to_save",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed: incomplete, of another adapter configuration, or holding unsafe files."""
 
 
 # ---------------------------------------------------------------------------------------------------------- the hook
@@ -384,7 +380,7 @@ def list_checkpoints(checkpoint_root: PathLike) -> list[Path]:
 
 
 def resolve_checkpoint(checkpoint_root: PathLike, spec: PathLike) -> Path:
-    """Turn `--resume_from_checkpoint` into a complete checkpoint directory.
+    """Find the complete checkpoint directory that ``spec`` names: ``"latest"``, or a checkpoint's path.
 
     Args:
         checkpoint_root (`str` or `os.PathLike`): Where the run writes its checkpoints (used for `"latest"`).
@@ -392,8 +388,8 @@ def resolve_checkpoint(checkpoint_root: PathLike, spec: PathLike) -> Path:
             `checkpoint_root`, or the path of a checkpoint directory.
 
     Raises:
-        FileNotFoundError: If there is no such checkpoint.
-        CheckpointError: If the given checkpoint is incomplete, or (for `"latest"`) `checkpoints.json` is malformed.
+        CheckpointError: If there is no such checkpoint, it is incomplete, or (for `"latest"`) `checkpoints.json` is
+            malformed.
 
     Example:
 
@@ -405,19 +401,19 @@ def resolve_checkpoint(checkpoint_root: PathLike, spec: PathLike) -> Path:
     if str(spec) == "latest":
         found = list_checkpoints(checkpoint_root)
         if not found:
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint latest: no complete checkpoint in {checkpoint_root}. Start without "
-                "--resume_from_checkpoint, or give the path of a checkpoint directory."
+            raise CheckpointError(
+                f"resolve_checkpoint(spec='latest'): no complete checkpoint in {checkpoint_root}. Start from the "
+                "beginning, or give the path of a checkpoint directory."
             )
         return found[-1]
     path = Path(spec)
     if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint: {path} does not exist or is not a directory.")
+        raise CheckpointError(f"resolve_checkpoint: checkpoint {path} does not exist or is not a directory.")
     problems = checkpoint_problems(path)
     if problems:
         available = [p.name for p in _listed_anyway(path.parent)]
         raise CheckpointError(
-            f"--resume_from_checkpoint: {path} is not a complete checkpoint ({'; '.join(problems)}); a save or a "
+            f"resolve_checkpoint: {path} is not a complete checkpoint ({'; '.join(problems)}); a save or a "
             "deletion of it was interrupted. Resume from another one"
             + (f" ({', '.join(available)}) or 'latest'." if available else ".")
         )
@@ -751,7 +747,9 @@ def save_checkpoint(
     ```
     """
     if total_limit is not None and total_limit < 1:
-        raise ValueError(f"total_limit must be at least 1 (or None to keep every checkpoint), got {total_limit}.")
+        raise PrefixPlusValueError(
+            f"total_limit must be at least 1 (or None to keep every checkpoint), got {total_limit}."
+        )
     root = Path(checkpoint_root)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     main = accelerator.is_main_process

@@ -24,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from ..errors import PrefixPlusValueError, UnsupportedError
 from .kv_cache import PrefixedCacheLayer, cache_layer
 
 #: Attention implementations PrefixPlus can wrap, and the name of the wrapper registered for each.
@@ -66,7 +67,7 @@ def _eager_function(module: nn.Module) -> Callable:
     """The model's own eager attention function (T5's, for instance, adds ``position_bias``)."""
     fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if fn is None:
-        raise ValueError(
+        raise UnsupportedError(
             f"{type(module).__name__} has no module-level `eager_attention_forward`; PrefixPlus cannot wrap its "
             "eager attention. Load the model with attn_implementation='sdpa'."
         )
@@ -180,7 +181,7 @@ def _make_prefix_attention(implementation: str) -> Callable:
         # copy on the device)
         if isinstance(seeded, PrefixedCacheLayer) and seeded.keys is not None and key.shape[2] == seeded.keys.shape[2]:
             if seeded.owner is not layer.cache_owner:
-                raise ValueError(FOREIGN_CACHE_MESSAGE)
+                raise PrefixPlusValueError(FOREIGN_CACHE_MESSAGE)
             if not call.disabled and seeded.state == layer.prefix_state(rows):
                 inside = seeded.prefix_length
                 if rows is not None:
@@ -267,7 +268,7 @@ def wrap_attention_implementation(config: Any) -> None:
     if implementation in UNWRAPPED_IMPLEMENTATIONS:
         return
     if implementation not in WRAPPED_IMPLEMENTATIONS:
-        raise ValueError(
+        raise UnsupportedError(
             f"The model's attention implementation is {implementation!r}; PrefixPlus supports 'eager' and 'sdpa'. "
             "Switch with `model.set_attn_implementation('sdpa')` (or 'eager')."
         )
@@ -293,8 +294,3 @@ def set_route(module: nn.Module, route: Optional[tuple[Any, str, int]]) -> None:
             delattr(module, _ROUTE_ATTR)
     else:
         object.__setattr__(module, _ROUTE_ATTR, route)
-
-
-# Registered when the package is imported, not when a model is created: a pickled model keeps
-# `config._attn_implementation = "prefix_plus_..."`, and a fresh process or a spawn worker must find it.
-register_attention_functions()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..errors import AdapterFileError, UnsupportedError
 from .config import PrefixPlusConfig
 from .kv_cache import CacheOwner
 
@@ -209,6 +210,43 @@ class PrefixSiteEncoder(nn.Module):
         return self.layer_prefix(slot)
 
 
+#: The attribute of the adapted model that holds its `PrefixPlusLayer`.
+LAYER_ATTR = "prefix_plus_layer"
+#: The `PrefixPlusLayer` attribute that holds the prefix encoders, ``[adapter_name][site]``.
+SITES_ATTR = "prefix_plus_sites"
+#: Every PrefixPlus tensor's state-dict key contains this, whatever the adapter name and the wrapping.
+KEY_MARKER = f"{LAYER_ATTR}.{SITES_ATTR}."
+#: Key prefix of PrefixPlus tensors in a saved adapter, followed by ``<site>.<parameter>`` (PEFT drops the adapter
+#: name when it saves).
+KEY_PREFIX = f"base_model.model.{KEY_MARKER}"
+
+
+def is_modules_to_save_key(key: str, modules_to_save: Any) -> bool:
+    """Whether ``key`` is a tensor PEFT saves for ``modules_to_save`` (e.g. a classification head).
+
+    PEFT wraps every module whose name ends with one of the names (a string suffix: ``"norm"`` also wraps
+    ``input_layernorm``) and saves its tensors under the module's name; keys holding ``modules_to_save`` are accepted
+    too.
+
+    Args:
+        key (`str`): A key of ``adapter_model.safetensors``.
+        modules_to_save (`list[str]`, *optional*): The config's ``modules_to_save``.
+
+    Example:
+
+    ```py
+    >>> is_modules_to_save_key("base_model.model.classifier.dense.weight", ["classifier"])
+    True
+    ```
+    """
+    parts = key.split(".")
+    if "modules_to_save" in parts:
+        return True
+    names = [name for name in modules_to_save if isinstance(name, str)] if isinstance(modules_to_save, list) else []
+    modules = (".".join(parts[:end]) for end in range(1, len(parts)))  # every module on the key's path
+    return any(module.endswith(name) for module in modules for name in names)
+
+
 class PrefixPlusLayer(nn.Module, BaseTunerLayer):
     """Holds the prefix encoders of every adapter, keyed ``[adapter_name][site]``, and hands out their prefixes.
 
@@ -216,7 +254,7 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
     (`set_adapter`, `disable_adapter`, `delete_adapter`) reaches it like any other tuner layer.
     """
 
-    adapter_layer_names = ("prefix_plus_sites",)
+    adapter_layer_names = (SITES_ATTR,)
 
     def __init__(self) -> None:
         super().__init__()
@@ -239,7 +277,7 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         return copied
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise NotImplementedError(MERGE_INTO_WEIGHTS_MESSAGE)
+        raise UnsupportedError(MERGE_INTO_WEIGHTS_MESSAGE)
 
     def unmerge(self) -> None:
         """Nothing to do: prefixes are never merged into weights."""
@@ -291,7 +329,7 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         if len(dtypes) > 1:
             problems.append(f"the tensors mix dtypes {dtypes} (one adapter uses one dtype)")
         if problems:
-            raise ValueError(
+            raise AdapterFileError(
                 f"The saved weights of PrefixPlus adapter {adapter_name!r} do not match its config: "
                 f"{'; '.join(problems)}. The adapter_config.json does not describe these weights (edited by hand, or "
                 "copied from another adapter); restore the config that was saved with them."

@@ -8,7 +8,7 @@ Two levels are offered:
 
 - :func:`adapter_geometry` and :func:`expected_counts` are pure arithmetic (no tensor, no list as long as the
   number of layers), so an absurd config (``num_layers: 1e9``) can be measured and refused in microseconds;
-- :func:`build_site_encoders` builds the real :class:`~peft_prefix_plus.layer.PrefixSiteEncoder` modules on the
+- :func:`build_site_encoders` builds the real :class:`~peft_prefix_plus.tuner.layer.PrefixSiteEncoder` modules on the
   meta device, so the expected parameter names and shapes come from their ``state_dict()``.
 """
 
@@ -21,11 +21,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .config import SITES, PrefixPlusConfig
+from ..errors import PrefixPlusConfigError
+from .config import PrefixPlusConfig, check_site_shapes_value
 from .layer import PrefixSiteEncoder
-
-#: The keys of each entry of ``PrefixPlusConfig.site_shapes``.
-SITE_SHAPE_KEYS: tuple[str, ...] = ("num_layers", "num_key_value_heads", "head_dim")
 
 
 @dataclass(frozen=True)
@@ -131,23 +129,16 @@ def check_site_shapes(config: PrefixPlusConfig) -> dict[str, dict[str, int]]:
     ```
     """
     shapes = config.site_shapes
-    if not isinstance(shapes, Mapping) or not shapes or not set(shapes) <= set(SITES):
-        raise ValueError(
-            f"`site_shapes` must map sites {list(SITES)} to their shapes (it is filled in when an adapter is "
-            f"created); got {shapes!r}."
+    if shapes is None:
+        raise PrefixPlusConfigError(
+            "`site_shapes` is not filled in: it is set when an adapter is created (`get_peft_model`). Use the config "
+            "saved with the adapter."
         )
-    for site, shape in shapes.items():
-        if not isinstance(shape, Mapping) or any(
-            isinstance(shape.get(key), bool) or not isinstance(shape.get(key), int) or shape[key] < 1
-            for key in SITE_SHAPE_KEYS
-        ):
-            raise ValueError(
-                f"`site_shapes[{site!r}]` must hold positive integers {list(SITE_SHAPE_KEYS)}; got {shape!r}."
-            )
+    check_site_shapes_value(shapes)
     if config.prefix_projection:
         token_dim = config.token_dim
         if isinstance(token_dim, bool) or not isinstance(token_dim, int) or token_dim < 1:
-            raise ValueError(
+            raise PrefixPlusConfigError(
                 f"`token_dim` must be a positive integer when the adapter uses an MLP (prefix_projection=True); "
                 f"got {token_dim!r}."
             )
@@ -261,21 +252,3 @@ def build_site_encoders(config: PrefixPlusConfig, device: Union[str, torch.devic
                 config,
             )
     return encoders
-
-
-def expected_shapes(config: PrefixPlusConfig) -> dict[str, tuple[int, ...]]:
-    """The parameter names (``<site>.<parameter>``) and shapes an adapter with ``config`` holds.
-
-    Taken from the ``state_dict()`` of the real encoders built on the meta device.
-
-    Args:
-        config ([`PrefixPlusConfig`]): A config with ``site_shapes`` (and ``token_dim`` with an MLP) filled in.
-
-    Example:
-
-    ```py
-    >>> expected_shapes(raw_config)
-    {'self.prefix': (2, 2, 2, 8, 8)}
-    ```
-    """
-    return {name: tuple(tensor.shape) for name, tensor in build_site_encoders(config).state_dict().items()}

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from ..errors import UnsupportedError
 from .attention import _eager_function, model_configs
 
 _PROBE = "prefix_plus_probe"
@@ -163,7 +164,7 @@ def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
     try:
         calls = _probe(model)
     except Exception as error:  # noqa: BLE001 - re-raised with the model type named
-        raise ValueError(
+        raise UnsupportedError(
             f"PrefixPlus could not run its probe forward pass (on the meta device) through {type(model).__name__} "
             f"(model_type={model_type!r}) to find its attention layers: {type(error).__name__}: {error}"
         ) from error
@@ -173,7 +174,7 @@ def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
             seen.add(id(call[0]))
             found.append(call)
     if not found:
-        raise ValueError(
+        raise UnsupportedError(
             f"Model type {model_type!r} does not compute attention through transformers' AttentionInterface, so "
             "PrefixPlus cannot inject prefixes into it. Supported are models whose attention calls "
             "`ALL_ATTENTION_FUNCTIONS.get_interface(...)`, e.g. Llama, Mistral, Qwen2, GPT-2, OPT, T5, BART and BERT; "
@@ -189,7 +190,7 @@ def discover_attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
             name = "cross" if k_len == 5 else "self"
         site = sites.setdefault(name, AttentionSite(num_key_value_heads=heads, head_dim=head_dim))
         if (heads, head_dim) != (site.num_key_value_heads, site.head_dim):
-            raise ValueError(
+            raise UnsupportedError(
                 f"Attention layers of the '{name}' site of {type(model).__name__} differ in key/value heads or head "
                 "dimension; PrefixPlus supports models whose layers share one attention geometry per site."
             )
