@@ -31,6 +31,10 @@ from benchmarks import report  # noqa: E402
 from benchmarks.common import DTYPES, RunOptions, load_average  # noqa: E402
 
 SUITES = ("train", "decode", "size", "merge", "quality")
+#: `benchmarks.suite_quality.PARTS`, spelled out so that `--help` imports no suite (a test keeps them equal).
+QUALITY_PARTS = (
+    "seq2seq", "smollm2_full", "smollm2_low", "smollm2_sweep", "smollm2_best_full", "smollm2_best_low",
+)  # fmt: skip
 #: The published figures (committed); written only when ``--out`` names this folder.
 PUBLISHED_OUT = REPO / "benchmarks" / "results"
 #: Where a run without ``--out`` writes: inside the published folder, but ignored by git (``.gitignore``).
@@ -77,9 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seqs", type=int, nargs="+", default=None, help="train suite: sequence lengths (128 512)")
     parser.add_argument(
         "--quality-part",
-        choices=("all", "seq2seq", "smollm2", "smollm2_full", "smollm2_low"),
+        choices=("all", "smollm2", *QUALITY_PARTS),
         default="all",
-        help="quality suite: the encoder-decoder part, the SmolLM2 parts (full and low-data training set), or one",
+        help="quality suite: all (seq2seq and the SmolLM2 grid), smollm2 (the grid: full and low data), or one part "
+        "(smollm2_sweep: the recipe search at seed 0; smollm2_best_full/_low: chosen recipes at seeds 1-3)",
     )
     parser.add_argument(
         "--quality-methods", nargs="+", default=None, help="quality suite, SmolLM2 parts: only these methods"

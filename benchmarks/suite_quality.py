@@ -49,8 +49,9 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import peft
 import torch
@@ -82,19 +83,85 @@ S2S_METHODS = ("pp_3_sites", "pp_decoder_only", "stock")
 LM_PREFIX = 10
 LM_STEPS = 30
 LM_BATCH = 8
-#: One learning rate per method (see the module docstring for why these).
-LM_LRS = {  # in run order: should a run be cut short, the methods the targets compare have their seeds first
-    "stock_proj": 2e-3,
-    "pp_mlp1": 2e-3,
-    "pp_text": 2e-3,
-    "lora_r8": 1e-2,
-    "pp_mlp2": 1.3e-3,
-    "stock_raw": 1e-2,
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one SmolLM2 method is built and trained: the adapter and its optimisation.
+
+    Args:
+        kind (`str`): ``"pp"`` (PrefixPlus), ``"stock_proj"`` / ``"stock_raw"`` (stock PEFT prefix tuning with or
+            without its projection) or ``"lora"`` (LoRA on ``q_proj`` and ``v_proj``, alpha = 2 r).
+        lr (`float`): Peak learning rate (AdamW, weight decay 0, gradient norm clipped at 1).
+        prefix (`int`): Virtual tokens.
+        init (`str`): PrefixPlus ``init_weights``: ``"random"``, ``"zero"`` or ``"text"`` (:data:`LM_INIT_TEXT`,
+            repeated cyclically to the prefix length).
+        projection (`bool`): PrefixPlus ``prefix_projection``.
+        depth (`int`): PrefixPlus ``mlp_depth``.
+        token_dim (`int`, *optional*): PrefixPlus ``token_dim`` (``None``: the key/value width, 192).
+        hidden (`int`, *optional*): PrefixPlus ``mlp_hidden_size`` (``None``: ``token_dim``).
+        warmup (`int`): Linear warmup steps.
+        schedule (`str`): ``"constant"`` or ``"cosine"`` (to 0 at the last step), after the warmup.
+        rank (`int`): LoRA rank.
+
+    Example:
+
+    ```py
+    >>> Recipe("pp", 2e-3, init="text").lr
+    0.002
+    ```
+    """
+
+    kind: str
+    lr: float
+    prefix: int = 10
+    init: str = "random"
+    projection: bool = True
+    depth: int = 1
+    token_dim: Optional[int] = None
+    hidden: Optional[int] = None
+    warmup: int = 0
+    schedule: str = "constant"
+    rank: int = 8
+
+
+#: The grid's methods, one learning rate each (see the module docstring for why these), in run order: should a run
+#: be cut short, the methods the targets compare have their seeds first.
+LM_GRID = {
+    "stock_proj": Recipe("stock_proj", 2e-3),
+    "pp_mlp1": Recipe("pp", 2e-3),
+    "pp_text": Recipe("pp", 2e-3, init="text"),
+    "lora_r8": Recipe("lora", 1e-2),
+    "pp_mlp2": Recipe("pp", 1.3e-3, depth=2),
+    "stock_raw": Recipe("stock_raw", 1e-2),
 }
-LM_METHODS = tuple(LM_LRS)
+#: The recipe search (part ``smollm2_sweep``: full data, seed 0 only, which the reported comparison then leaves out):
+#: one axis at a time away from ``pp_text``, the grid's best prefix method.
+LM_SWEEP = {
+    "pp_text_p30": Recipe("pp", 2e-3, prefix=30, init="text"),
+    "pp_text_p100": Recipe("pp", 2e-3, prefix=100, init="text"),
+    "pp_text_h512": Recipe("pp", 2e-3, init="text", hidden=512),
+    "pp_text_w576": Recipe("pp", 2e-3, init="text", token_dim=576, hidden=576),
+    "pp_zero": Recipe("pp", 2e-3, init="zero"),
+    "pp_text_cosine": Recipe("pp", 3e-3, init="text", warmup=3, schedule="cosine"),
+    "raw_text": Recipe("pp", 5e-2, init="text", projection=False),
+    "lora_r8_3e-3": Recipe("lora", 3e-3),
+    "lora_r8_3e-2": Recipe("lora", 3e-2),
+}
+LM_RECIPES = {**LM_GRID, **LM_SWEEP}
+LM_LRS = {name: recipe.lr for name, recipe in LM_GRID.items()}
+LM_METHODS = tuple(LM_GRID)
 LM_SEEDS = (0, 1, 2)
-#: Training-set size per setting: None = the whole training split; the low-data subset is a fixed draw.
-LM_SETTINGS = {"full": None, "low": 50}
+#: Per setting: the training-set size (None = the whole training split; the low-data subset is a fixed draw), the
+#: default methods and the default seeds. ``sweep`` searches recipes on seed 0; ``best_full`` and ``best_low`` compare
+#: the sweep's winners on seeds 1-3, which the sweep did not see.
+LM_SETTINGS = {
+    "full": (None, LM_METHODS, LM_SEEDS),
+    "low": (50, LM_METHODS, LM_SEEDS),
+    "sweep": (None, tuple(LM_SWEEP), (0,)),
+    "best_full": (None, (), (1, 2, 3)),
+    "best_low": (50, (), (1, 2, 3)),
+}
 LM_SUBSET_SEED = 1234
 LM_EVAL_LOSS = 100  # validation examples for the final loss
 LM_EVAL_CURVE = 40  # the first validation examples, for the loss curve
@@ -270,22 +337,32 @@ def _example_module() -> Any:
 
 
 def lm_config(method: str, smoke: bool = False) -> peft.PeftConfig:
-    """The adapter of ``method``: each library's defaults apart from the prefix length (and LoRA's targets)."""
-    if method == "lora_r8":
-        return peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    if method.startswith("stock"):
-        return peft.PrefixTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=LM_PREFIX, prefix_projection=method == "stock_proj"
+    """The adapter of ``method`` (a key of :data:`LM_RECIPES`): each library's defaults apart from the recipe's
+    settings (and LoRA's targets)."""
+    recipe = LM_RECIPES[method]
+    if recipe.kind == "lora":
+        return peft.LoraConfig(
+            task_type="CAUSAL_LM", r=recipe.rank, lora_alpha=2 * recipe.rank, target_modules=["q_proj", "v_proj"]
         )
-    if method == "pp_text":
-        text, tokenizer = (SMOKE_INIT_TEXT, _smoke_tokenizer_dir()) if smoke else (LM_INIT_TEXT, _smollm2_dir())
-        return PrefixPlusConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=LM_PREFIX, init_weights="text", init_text=text,
-            tokenizer_name_or_path=tokenizer,
-        )  # fmt: skip
+    if recipe.kind.startswith("stock"):
+        return peft.PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=recipe.prefix, prefix_projection=recipe.kind == "stock_proj"
+        )
+    text = {}
+    if recipe.init == "text":
+        init_text, tokenizer = (SMOKE_INIT_TEXT, _smoke_tokenizer_dir()) if smoke else (LM_INIT_TEXT, _smollm2_dir())
+        text = {"init_text": init_text, "tokenizer_name_or_path": tokenizer}
     return PrefixPlusConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=LM_PREFIX, mlp_depth={"pp_mlp1": 1, "pp_mlp2": 2}[method]
-    )
+        task_type="CAUSAL_LM", num_virtual_tokens=recipe.prefix, init_weights=recipe.init,
+        prefix_projection=recipe.projection, mlp_depth=recipe.depth, token_dim=recipe.token_dim,
+        mlp_hidden_size=recipe.hidden, **text,
+    )  # fmt: skip
+
+
+def lm_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The recipe's schedule, from transformers: linear warmup, then constant or cosine to 0 at ``steps``."""
+    name = "cosine" if recipe.schedule == "cosine" else "constant_with_warmup"
+    return transformers.get_scheduler(name, optimizer, num_warmup_steps=recipe.warmup, num_training_steps=steps)
 
 
 SMOKE_INIT_TEXT = "w5 w6 w7"
@@ -381,7 +458,10 @@ def stock_as_prefix_plus(stock: peft.PeftModel, base: torch.nn.Module, batch: di
     from peft_prefix_plus.files import copy_stock_prefix
 
     config = PrefixPlusConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=LM_PREFIX, prefix_projection=False, offset_position_ids=True
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=stock.peft_config["default"].num_virtual_tokens,
+        prefix_projection=False,
+        offset_position_ids=True,
     )
     copy_model = peft.get_peft_model(copy.deepcopy(base), config).eval()
     stock.eval()
@@ -417,18 +497,21 @@ def run_smollm2(
     base = base.to(device)
     steps = 2 if smoke else LM_STEPS
     every = 1 if smoke else LM_CURVE_EVERY
+    size, default_methods, default_seeds = LM_SETTINGS[setting]
     narrowed = methods is not None  # a run of only some methods adds to stored runs, with their baseline
-    seeds = seeds or (LM_SEEDS[:1] if smoke else LM_SEEDS)
-    methods = methods or LM_METHODS
-    unknown = sorted(set(methods) - set(LM_METHODS))
+    seeds = seeds or (default_seeds[:1] if smoke else default_seeds)
+    methods = methods or default_methods
+    if not methods:
+        raise ValueError(f"the {setting!r} setting has no default methods: name them with --quality-methods")
+    unknown = sorted(set(methods) - set(LM_RECIPES))
     if unknown:
-        raise ValueError(f"unknown quality method(s) {', '.join(unknown)}: choose from {', '.join(LM_METHODS)}")
+        raise ValueError(f"unknown quality method(s) {', '.join(unknown)}: choose from {', '.join(LM_RECIPES)}")
     n_loss, n_curve, n_gen = (4, 2, 2) if smoke else (LM_EVAL_LOSS, LM_EVAL_CURVE, LM_EVAL_GENERATE)
     new_tokens = 4 if smoke else LM_NEW_TOKENS
     encoder = example.Encoder(tokenizer, False, 128)
     train_rows = example.read_split(example.DATA_DIR, "train")
     val_rows = example.read_split(example.DATA_DIR, "validation")
-    subset = train_subset(len(train_rows), 8 if smoke and LM_SETTINGS[setting] else LM_SETTINGS[setting])
+    subset = train_subset(len(train_rows), 8 if smoke and size else size)
     train = [encoder.encode(train_rows[i], i) for i in subset]
     val = [encoder.encode(r, i) for i, r in enumerate(val_rows[:n_loss])]
     loss_batches = [send_to_device(encoder.collate(val[i : i + 20]), device) for i in range(0, len(val), 20)]
@@ -449,7 +532,8 @@ def run_smollm2(
     for seed in seeds:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
         for method in methods:
-            lr = LM_LRS[method]
+            recipe = LM_RECIPES[method]
+            lr = recipe.lr
             torch.manual_seed(seed)
             start_time = time.perf_counter()
             model = peft.get_peft_model(copy.deepcopy(base), lm_config(method, smoke))
@@ -463,10 +547,12 @@ def run_smollm2(
 
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            scheduler = lm_scheduler(recipe, optimizer, steps)
             curve = [_token_mean(*lm_eval_losses(model, example, curve_batches))]
             losses: list[float] = []
             for step in range(1, steps + 1):
                 losses.append(train_step(model, optimizer, params, next_batch()))
+                scheduler.step()
                 if step % every == 0 and step < steps:
                     curve.append(_token_mean(*lm_eval_losses(model, example, curve_batches)))
             final = lm_eval_losses(model, example, loss_batches)
@@ -475,6 +561,7 @@ def run_smollm2(
                 "method": method, "setting": setting, "lr": lr, "seed": seed, "eval_loss": _token_mean(*final),
                 "curve_loss": curve, "curve_steps": [*range(0, steps, every), steps], "train_losses": losses,
                 "trainable_params": sum(p.numel() for p in params), "train_examples": len(train),
+                "recipe": asdict(recipe),
             }  # fmt: skip
             if math.isfinite(run["eval_loss"]):
                 generator = model
@@ -497,7 +584,6 @@ def run_smollm2(
                 flush=True,
             )
             del model, optimizer
-    size = LM_SETTINGS[setting]
     settings = {
         "model": model_name,
         "task": "E2E-style data-to-text, examples/data (1,000 train / 200 validation)",
@@ -513,8 +599,10 @@ def run_smollm2(
             "pp_text": f'PrefixPlusConfig defaults with init_weights="text", init_text={LM_INIT_TEXT!r} (exactly '
             f"{LM_PREFIX} SmolLM2 tokens, the first {LM_PREFIX} of the prompt), SmolLM2's tokenizer",
             "lora_r8": "LoraConfig r=8, alpha 16, q_proj and v_proj",
+            "other recipes": "the fields of each run's `recipe` (benchmarks/suite_quality.py: Recipe, LM_SWEEP)",
         },
-        "prefix": f"{LM_PREFIX} virtual tokens",
+        "recipes": {method: asdict(LM_RECIPES[method]) for method in methods},
+        "prefix": f"{LM_PREFIX} virtual tokens unless the recipe says otherwise",
         "steps": steps,
         "batch": LM_BATCH,
         "learning_rates": dict(LM_LRS),
@@ -527,15 +615,18 @@ def run_smollm2(
         else "stock PEFT's generate() drops its prefix on this stack (checked on a tiny model), so the stock prefixes "
         "generate through a PrefixPlus copy (copy_stock_prefix, offset_position_ids=True) that computes the same "
         "logits; the difference is recorded per run",
-        "optimizer": "AdamW, constant lr, weight decay 0, grad-norm clip 1.0",
+        "optimizer": "AdamW, weight decay 0, grad-norm clip 1.0; constant lr unless the recipe has a warmup or cosine "
+        "schedule (transformers.get_scheduler)",
         "device": device,
     }
     return runs, settings
 
 
 # =========================================================================================== suite
-#: The parts of the suite; ``--quality-part smollm2`` runs both SmolLM2 settings, ``all`` everything.
+#: The parts of the suite; ``--quality-part smollm2`` runs the SmolLM2 grid (full and low data), ``all`` the
+#: seq2seq part and the grid; the recipe parts (sweep, best_full, best_low) run only when named.
 PARTS = ("seq2seq", *(f"smollm2_{setting}" for setting in LM_SETTINGS))
+GRID_PARTS = ("smollm2_full", "smollm2_low")
 
 
 def summarise(runs: list[dict], group: tuple[str, ...]) -> list[dict]:
@@ -645,9 +736,9 @@ def _rows(part: str, runs: list[dict]) -> list[dict]:
 def parts_of(part: str) -> tuple[str, ...]:
     """The parts that ``--quality-part part`` runs."""
     if part == "all":
-        return PARTS
+        return ("seq2seq", *GRID_PARTS)
     if part == "smollm2":
-        return tuple(p for p in PARTS if p.startswith("smollm2"))
+        return GRID_PARTS
     if part not in PARTS:
         raise ValueError(f"unknown quality part {part!r}: choose all, smollm2 or one of {', '.join(PARTS)}")
     return (part,)
@@ -764,13 +855,13 @@ def plot(result: dict, out_dir: str) -> list[str]:
         fig, axes = plt.subplots(1, len(lm_parts), figsize=(6 * len(lm_parts), 4.5), sharey=True, squeeze=False)
         for ax, part in zip(axes[0], lm_parts, strict=True):
             runs = [r for r in result["runs"][part] if r.get("curve_steps")]
-            for method in LM_METHODS:
+            for method in LM_RECIPES:
                 mine = [r for r in runs if r["method"] == method]
                 if not mine:
                     continue
                 curves = torch.tensor([r["curve_loss"] for r in mine])
                 mean = curves.mean(0)
-                color = f"C{LM_METHODS.index(method)}"  # one colour per method in every panel
+                color = f"C{list(LM_RECIPES).index(method) % 10}"  # one colour per method in every panel
                 label = f"{method} (lr {mine[0]['lr']:g}, {len(mine)} seed{'s' if len(mine) > 1 else ''})"
                 ax.plot(mine[0]["curve_steps"], mean, label=label, linewidth=1.5, color=color)
                 if len(mine) > 1:

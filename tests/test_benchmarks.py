@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -402,3 +403,33 @@ def test_sdpa_kernel_report_counts_a_cuda_kernel_once() -> None:
         {"query": [2, 6, 8, 64], "key": [2, 6, 24, 64], "mask": [2, 1, 8, 24], "is_causal": False, "enable_gqa": False,
          "count": 1}
     ]  # fmt: skip
+
+
+def test_quality_recipe_parts_run_their_recipes_with_their_schedules(tmp_path: Path) -> None:
+    """The sweep part runs named recipes at seed 0 (a longer prefix, a cosine schedule with warmup, raw prefixes from
+    text); each run records its recipe, and the learning rate follows the recipe's schedule."""
+    out = ["--suite", "quality", "--smoke", "--out", str(tmp_path), "--quality-part", "smollm2_sweep"]
+    methods = ["pp_text_p30", "pp_text_cosine", "raw_text"]
+    assert bench.main([*out, "--quality-methods", *methods]) == 0
+    quality = json.loads((tmp_path / "results.json").read_text())["suites"]["quality"]
+    runs = {run["method"]: run for run in quality["runs"]["smollm2_sweep"]}
+    assert set(runs) == set(methods)  # a narrowed run measures no untuned baseline
+    assert all(run["seed"] == 0 for run in runs.values())
+    assert runs["pp_text_p30"]["recipe"]["prefix"] == 30 and runs["raw_text"]["recipe"]["projection"] is False
+    assert runs["pp_text_p30"]["trainable_params"] > runs["pp_text_cosine"]["trainable_params"]  # 30 embedding rows
+    recipe = suite_quality.LM_RECIPES["pp_text_cosine"]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+    scheduler = suite_quality.lm_scheduler(recipe, optimizer, steps=30)
+    rates = []
+    for _ in range(30):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 0.0 and rates[recipe.warmup] == pytest.approx(recipe.lr)  # linear warmup to the peak
+    assert rates[-1] < 0.05 * recipe.lr  # cosine to 0 at the last step
+    with pytest.raises(ValueError, match="has no default methods"):
+        bench.main(["--suite", "quality", "--smoke", "--out", str(tmp_path), "--quality-part", "smollm2_best_low"])
+
+
+def test_run_py_spells_out_the_quality_parts() -> None:
+    assert bench.QUALITY_PARTS == suite_quality.PARTS
