@@ -35,12 +35,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from peft import get_peft_model
@@ -682,6 +686,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "total_time_s": time.perf_counter() - started,
             "files": files,
             "args": typed_args(args),
+            "run": {
+                "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {accelerator.device.type}, torch "
+                f"{torch.__version__}, transformers {transformers.__version__}",
+            },
         }
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
         if args.push_to_hub:

@@ -159,7 +159,7 @@ def test_offset_positions_of_a_padded_row_are_the_models_own_shifted():
     torch.testing.assert_close(padded, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "deepseek_v3", "gemma4"])
 def test_offset_positions_in_generate_of_a_padded_row_equal_the_row_alone(family):
     """`generate` computes positions from the attention mask; shifted by the prefix, a padded row generates what it
     generates alone, with the same scores."""

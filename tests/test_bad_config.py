@@ -71,6 +71,23 @@ def test_a_task_type_that_does_not_fit_the_model_is_refused(family, task_type, e
     assert all(c._attn_implementation == "sdpa" for c in model_configs(base)), "a refused adapter changed the model"
 
 
+def test_a_task_type_whose_peft_wrapper_passes_input_ids_is_refused_on_whisper():
+    """PEFT's SEQ_2_SEQ_LM wrapper calls the model with `input_ids`, which Whisper's forward refuses (LoRA alike)."""
+    base = tiny_model("whisper")[0]
+    with pytest.raises(ValueError, match=r"task_type='SEQ_2_SEQ_LM'.*'input_features' and no `input_ids`.*unset"):
+        get_peft_model(base, PrefixPlusConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
+    assert all(c._attn_implementation == "sdpa" for c in model_configs(base)), "a refused adapter changed the model"
+
+
+def test_a_model_whose_main_input_the_probe_cannot_build_is_refused():
+    """A vision-only model (its main input is `pixel_values`) is refused by name, not with a failed probe pass."""
+    config = transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8
+    )
+    with pytest.raises(ValueError, match=r"ViTForImageClassification: its main input is 'pixel_values'"):
+        get_peft_model(transformers.ViTForImageClassification(config), PrefixPlusConfig(num_virtual_tokens=3))
+
+
 def test_offset_position_ids_is_refused_on_an_encoder_only_model():
     base = tiny_model("bert")[0]
     with pytest.raises(ValueError, match="offset_position_ids=True.*encoder-only"):

@@ -19,20 +19,27 @@ from conftest import (
     FAMILIES,
     FAMILY_SPECS,
     GENERATE_CACHE,
+    MULTIMODAL,
+    VOCAB,
     all_configs,
     batch_for,
     cache_layers,
     forward_logits,
     frozen_copy,
+    multimodal_batch,
+    multimodal_generate_kwargs,
     returned_cache,
     site_kwargs,
     tiny_model,
     uses_attention_interface,
 )
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from peft_prefix_plus import PrefixPlusConfig
+from peft_prefix_plus.errors import UnsupportedError
 from peft_prefix_plus.tuner import attention
+from peft_prefix_plus.tuner.config import site_layer_shapes
 from peft_prefix_plus.tuner.kv_cache import PrefixedCacheLayer
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
@@ -99,6 +106,13 @@ def test_save_and_load_give_the_same_logits(family, attn, variant, tmp_path):
     assert torch.equal(forward_logits(loaded.eval(), batch), expected)
 
 
+#: Which cache layers hold the prefix after `generate`, where not all: T5's position bias is sized from the cached
+#: keys; Gemma 4's sliding-window layers keep a window, so only its full-attention layer holds the prefix; DeepSeek-V3
+#: caches its compressed latents, not the keys its attention receives. Those layers get the prefix in front of the
+#: cached keys at every step.
+PREFIX_IN_CACHE = {"t5": [False, False], "gemma4": [False, False, False, True], "deepseek_v3": [False, False]}
+
+
 @matrix(GENERATIVE)
 def test_cached_generation_equals_recomputation(family, attn, variant):
     model, _, task = adapted(family, attn, variant)
@@ -108,11 +122,11 @@ def test_cached_generation_equals_recomputation(family, attn, variant):
     scored = {"output_scores": True, "return_dict_in_generate": True, **kwargs}
     recomputed = model.generate(**inputs, use_cache=False, **scored)
     seeded = model.generate(**inputs, **scored)
-    # the prefix went into the cache, so each step was one attention call; T5 (its position bias is sized from the
-    # cached keys) puts the prefix in front of the cached keys at every step
+    # the prefix went into the cache, so each step was one attention call, except where the cache cannot hold it
     cache = returned_cache(seeded)
     cache = cache.self_attention_cache if task == "SEQ_2_SEQ_LM" else cache
-    assert all(isinstance(layer, PrefixedCacheLayer) for layer in cache.layers) == (family != "t5")
+    holds_prefix = [isinstance(layer, PrefixedCacheLayer) and layer.prefix_length > 0 for layer in cache.layers]
+    assert holds_prefix == PREFIX_IN_CACHE.get(family, [True] * len(holds_prefix))
     model.base_model.seeds_kv_cache = False
     concatenated = model.generate(**inputs, **scored)
     assert not any(isinstance(layer, PrefixedCacheLayer) for layer in cache_layers(returned_cache(concatenated)))
@@ -274,9 +288,10 @@ def test_tiny_model_applies_its_overrides():
     assert len(model.model.layers) == 3 and model.config.hidden_size == 48
 
 
-def expected_site_parameters(config: PrefixPlusConfig, layers: int, heads: int, head_dim: int, length: int) -> int:
-    """Parameter count of one site, as documented in the README."""
-    out = layers * 2 * heads * head_dim
+def expected_site_parameters(config: PrefixPlusConfig, layer_shapes: list[tuple[int, int, int]], length: int) -> int:
+    """Parameter count of one site whose layers have ``layer_shapes`` (heads, key dim, value dim): the MLP's output is
+    every layer's keys and values, each layer its own width."""
+    out = sum(heads * (keys + values) for heads, keys, values in layer_shapes)
     if not config.prefix_projection:
         return length * out
     width, token_dim = config.mlp_hidden_size or config.token_dim, config.token_dim
@@ -299,9 +314,7 @@ def test_only_the_adapter_trains_and_every_site_gets_gradients(family, attn):
     assert bool(heads) == (task == "SEQ_CLS")
     lengths = config.site_lengths(base.config.is_encoder_decoder)
     expected = sum(
-        expected_site_parameters(
-            config, shape["num_layers"], shape["num_key_value_heads"], shape["head_dim"], lengths[site]
-        )
+        expected_site_parameters(config, site_layer_shapes(shape), lengths[site])
         for site, shape in config.site_shapes.items()
     )
     assert sum(p.numel() for p in prefixes.values()) == expected
@@ -346,6 +359,118 @@ def test_encoder_decoder_sites(family):
     no_cross_sites = no_cross.base_model.prefix_plus_layer.prefix_plus_sites["default"]
     assert set(no_cross_sites) == {"self", "encoder"}
     assert not any(".cross." in n for n, _ in no_cross.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every attention geometry: vision-language models, whose language model gets the prefixes and whose vision tower gets
+# none, and Whisper, whose encoder (fed log-mel features), decoder self- and cross-attention each get their own.
+
+
+def multimodal_adapted(family: str, attn: str):
+    """The adapted model of a MULTIMODAL family (in eval mode, with an MLP) and a frozen copy of its base model."""
+    base, task = tiny_model(family, attn)
+    reference = frozen_copy(base)
+    lengths = site_kwargs("SEQ_2_SEQ_LM" if base.config.is_encoder_decoder else task)
+    config = PrefixPlusConfig(task_type=task, num_virtual_tokens=3, mlp_depth=2, **lengths)
+    return get_peft_model(base, config).eval(), reference
+
+
+def first_tensor(output) -> torch.Tensor:
+    """The first tensor of a module's output (a tensor, a tuple or a ModelOutput)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+@pytest.mark.parametrize("attn", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", MULTIMODAL)
+def test_multimodal_prefixes_reach_the_language_model_and_no_vision_tower(family, attn, tmp_path):
+    """The prefix changes the logits of a forward with images (or audio features); a vision tower computes exactly
+    what the base model's does; disabling gives the base model back, and save/load the same logits."""
+    model, reference = multimodal_adapted(family, attn)
+    batch = multimodal_batch(family)
+    base_model = model.base_model.model
+    sites = model.base_model._sites
+    whisper = base_model.config.is_encoder_decoder
+    assert set(sites) == ({"self", "encoder", "cross"} if whisper else {"self"})
+    if whisper:
+        encoder_ids = {id(module) for module in base_model.get_encoder().modules()}
+        assert all(id(module) in encoder_ids for module in sites["encoder"].modules)
+        assert not any(id(module) in encoder_ids for site in ("self", "cross") for module in sites[site].modules)
+        towers = []
+    else:
+        language_ids = {id(module) for module in base_model.get_decoder().modules()}
+        assert all(id(module) in language_ids for module in sites["self"].modules)
+        towers = [base_model.get_encoder(modality="image"), reference.get_encoder(modality="image")]
+        assert towers[0] is not base_model and not any(id(module) in language_ids for module in towers[0].modules())
+    outputs = []
+    hooks = [
+        tower.register_forward_hook(lambda m, a, output: outputs.append(first_tensor(output))) for tower in towers
+    ]
+    base_logits = forward_logits(reference, batch)
+    adapted_logits = forward_logits(model, batch)
+    for hook in hooks:
+        hook.remove()
+    if towers:  # the vision tower ran in both passes and computed the same
+        assert len(outputs) == 2 and torch.equal(outputs[0], outputs[1])
+    assert (adapted_logits - base_logits).abs().max() > 1e-3
+    # the images (the audio) take part: other pixel values (features) give other logits
+    key = "input_features" if whisper else "pixel_values"
+    other = {**batch, key: torch.randn(batch[key].shape, generator=torch.Generator().manual_seed(7))}
+    assert not torch.allclose(forward_logits(model, other), adapted_logits)
+    with model.disable_adapter():
+        assert torch.equal(forward_logits(model, batch), base_logits)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(reference, tmp_path).eval()
+    assert torch.equal(forward_logits(loaded, batch), adapted_logits)
+
+
+@pytest.mark.parametrize("attn", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", MULTIMODAL)
+def test_multimodal_training_step_gives_every_prefix_parameter_gradients(family, attn):
+    model, _ = multimodal_adapted(family, attn)
+    model.train()
+    model(**multimodal_batch(family)).loss.backward()
+    trained, sites_with_grad = 0, set()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert ".prefix_plus_sites.default." in name, name
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+            sites_with_grad.add(name.split(".prefix_plus_sites.default.")[1].split(".")[0])
+            trained += 1
+        else:
+            assert param.grad is None, name
+    assert trained and sites_with_grad == set(model.base_model._sites)
+
+
+@pytest.mark.parametrize("attn", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", MULTIMODAL)
+def test_multimodal_cached_generation_equals_recomputation(family, attn, one_thread):
+    """Greedy `generate` with images (audio features): the seeded cache, the cache with the prefix put in front at
+    every step and no cache give the same tokens and scores, and the prefix steers the generation."""
+    model, _ = multimodal_adapted(family, attn)
+    inputs = {key: value for key, value in multimodal_batch(family).items() if key != "labels"}
+    settings = {**multimodal_generate_kwargs(family), "max_new_tokens": 5}
+    settings |= {"output_scores": True, "return_dict_in_generate": True}
+    recomputed = model.generate(**inputs, use_cache=False, **settings)
+    # the cache the language model (Whisper's decoder) is given: Whisper's `generate` returns a copy rebuilt per row
+    caches = []
+    model.base_model.model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: caches.append(kwargs.get("cache")), with_kwargs=True
+    )
+    seeded = model.generate(**inputs, **settings)
+    cache = caches[-1].self_attention_cache if model.config.is_encoder_decoder else caches[-1]
+    # the prefix was seeded into every layer but the sliding-window ones (Gemma 3), which put it in front at each step
+    assert any(isinstance(layer, PrefixedCacheLayer) for layer in cache.layers)
+    assert all(isinstance(layer, (PrefixedCacheLayer, DynamicSlidingWindowLayer)) for layer in cache.layers)
+    model.base_model.seeds_kv_cache = False
+    concatenated = model.generate(**inputs, **settings)
+    assert not any(isinstance(layer, PrefixedCacheLayer) for layer in cache_layers(caches[-1]))
+    for cached in (seeded, concatenated):
+        assert torch.equal(cached.sequences, recomputed.sequences)
+        torch.testing.assert_close(torch.stack(cached.scores), torch.stack(recomputed.scores), rtol=1e-4, atol=1e-4)
+    with model.disable_adapter():
+        base = model.generate(**inputs, **settings)
+    finite = torch.isfinite(torch.stack(base.scores))  # suppressed tokens score -inf either way
+    assert not torch.allclose(torch.stack(base.scores)[finite], torch.stack(recomputed.scores)[finite])
 
 
 # Stock PEFT behaviour that PrefixPlus improves on. These test upstream, so they are strict xfails: when PEFT fixes
@@ -437,10 +562,7 @@ def test_configurable_mlp_counts_and_trains(depth):
         task_type=task, num_virtual_tokens=4, mlp_depth=depth, mlp_hidden_size=24, mlp_activation="gelu"
     )
     model = get_peft_model(base, config)
-    shape = config.site_shapes["self"]
-    expected = expected_site_parameters(
-        config, shape["num_layers"], shape["num_key_value_heads"], shape["head_dim"], 4
-    )
+    expected = expected_site_parameters(config, site_layer_shapes(config.site_shapes["self"]), 4)
     assert model.get_nb_trainable_parameters()[0] == expected
     mlp = model.base_model.prefix_plus_layer.prefix_plus_sites["default"]["self"].mlp
     assert sum(isinstance(m, torch.nn.Linear) for m in mlp) == depth + 1
@@ -538,6 +660,77 @@ def test_a_family_is_refused_exactly_when_its_attention_bypasses_the_interface(m
     model = get_peft_model(base, config).eval()
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits)
+
+
+def test_vision_language_processor_path_as_users_write_it():
+    """`processor(images=..., text=..., padding=True)` and `generate(**inputs)`, as in transformers' LLaVA docs: the
+    processor expands each `<image>` into the image's tokens, and cached generation equals recomputation."""
+    import numpy as np
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(99)} | {"<image>": 99}, unk_token="w2"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens([AddedToken("<image>", special=True)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w2", pad_token="w0")
+    processor = transformers.LlavaProcessor(
+        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size=16),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1,
+    )  # fmt: skip
+    base, task = tiny_model("llava")
+    model = get_peft_model(base, PrefixPlusConfig(task_type=task, num_virtual_tokens=3)).eval()
+    images = [(np.random.default_rng(seed).random((16, 16, 3)) * 255).astype("uint8") for seed in (0, 1)]
+    inputs = processor(images=images, text=["<image> w5 w6 w7", "<image> w8 w9"], padding=True, return_tensors="pt")
+    assert (inputs["input_ids"] == 99).sum(dim=1).tolist() == [4, 4]  # the image's 4 tokens, per row
+    settings = {"max_new_tokens": 5, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    cached, recomputed = model.generate(**inputs, **settings), model.generate(**inputs, use_cache=False, **settings)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(recomputed.scores), rtol=1e-4, atol=1e-5)
+    assert len(processor.batch_decode(cached.sequences[:, inputs["input_ids"].shape[1] :])) == 2
+
+
+@pytest.mark.parametrize("attn", IMPLEMENTATIONS)
+def test_layers_that_share_kv_attend_their_own_prefix(attn):
+    """Gemma 3n's last layers reuse an earlier layer's keys and values (`num_kv_shared_layers`). By design each of
+    them attends its own prefix: prefixes stay out of the cache (a seeded one would reach the sharing layers as real
+    keys), cached generation equals recomputation, and the sharing layers' prefixes get gradients."""
+    config = transformers.Gemma3nTextConfig(
+        vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=32, hidden_size_per_layer_input=8,
+        intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=16,
+        laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4, attn_implementation=attn,
+        pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.Gemma3nForCausalLM(config)
+    model = get_peft_model(
+        base, PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=False)
+    )
+    shared = [i for i, m in enumerate(model.base_model._sites["self"].modules) if m.is_kv_shared_layer]
+    assert shared == [2, 3]
+    batch = batch_for("CAUSAL_LM", batch_size=2, seq_len=6)
+    model(**batch).loss.backward()
+    prefix_grad = model.base_model._layer.prefix_plus_sites["default"]["self"].prefix.grad
+    assert all(prefix_grad[i].abs().sum() > 0 for i in shared)
+    model.eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    settings = {"max_new_tokens": 5, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    cached, recomputed = model.generate(**inputs, **settings), model.generate(**inputs, use_cache=False, **settings)
+    assert not any(getattr(layer, "prefix_length", 0) for layer in returned_cache(cached).layers)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(recomputed.scores), rtol=1e-4, atol=1e-5)
+
+
+def test_deberta_v2_is_refused_with_lora_named_as_the_way_out():
+    """DeBERTa-v2's disentangled attention adds position terms in its own code, outside the AttentionInterface, so
+    there is no attention call to extend with a prefix: refused before anything changes, naming LoRA."""
+    config = transformers.DebertaV2Config(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=2
+    )
+    base = transformers.DebertaV2ForSequenceClassification(config)
+    with pytest.raises(UnsupportedError, match=r"'deberta-v2'.*AttentionInterface.*LoRA"):
+        get_peft_model(base, PrefixPlusConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    assert not any("prefix_plus" in name for name, _ in base.named_modules())
 
 
 def test_some_family_is_refused_in_the_installed_transformers():

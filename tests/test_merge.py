@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from test_text_init import TEXT, tokenizer_dir  # noqa: F401 - the fixture, shared
 
 from peft_prefix_plus import PrefixPlusConfig, inspect_adapter, merge_mlp_files
+from peft_prefix_plus.tuner.config import site_layer_shapes
 
 # (family, extra config): GPT-2, Llama with GQA and a deep gelu MLP of another width, T5 and BART with all three
 # sites at different lengths (site_kwargs), and layers_to_transform subsets.
@@ -24,6 +25,9 @@ CASES = {
     "bart": ("bart", {}),
     "llama-layers": ("llama", {"layers_to_transform": [1]}),
     "t5-layers": ("t5", {"layers_to_transform": [0]}),
+    "deepseek_v3-mla": ("deepseek_v3", {"mlp_depth": 2}),  # keys wider than values
+    "gemma4-per-layer": ("gemma4", {}),  # the full layer's head dim differs
+    "gemma4-layers": ("gemma4", {"layers_to_transform": [2, 3]}),  # one sliding and the full layer
 }
 FP32_TOLERANCE = 1e-5
 # bf16 base: the merge computes in float32 and rounds once to the adapter's dtype. With the adapter in float32 (PEFT's
@@ -48,14 +52,14 @@ def logits(model, batch) -> torch.Tensor:
 
 
 def raw_parameter_count(model) -> int:
-    """Σ over sites of layers × prefix length × 2 × kv_heads × head_dim, from the config and the model's layers."""
+    """Σ over sites and transformed layers of prefix length × heads × (key dim + value dim), from the config."""
     config = model.peft_config["default"]
     lengths = config.site_lengths(bool(getattr(model.base_model.model.config, "is_encoder_decoder", False)))
     total = 0
     for site, length in lengths.items():
-        shape = config.site_shapes[site]
-        layers = shape["num_layers"] if config.layers_to_transform is None else len(config.layers_to_transform)
-        total += layers * length * 2 * shape["num_key_value_heads"] * shape["head_dim"]
+        layer_shapes = site_layer_shapes(config.site_shapes[site])
+        layers = config.layers_to_transform or range(len(layer_shapes))
+        total += length * sum(heads * (keys + values) for heads, keys, values in (layer_shapes[i] for i in layers))
     return total
 
 
@@ -277,3 +281,21 @@ def test_merging_one_model_leaves_a_shared_config_object_alone(tmp_path):
     other.eval()
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, other(**batch).logits)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gemma4"])
+def test_per_layer_geometry_is_described_and_refused_by_stock_export(family, tmp_path):
+    """`inspect` and the model card show each layer's shape; stock PEFT has one shape for all layers, so export is
+    refused naming the shapes, and nothing is written."""
+    from peft_prefix_plus import AdapterFileError, export_to_peft
+
+    model, _ = make_peft_model(family, offset_position_ids=True, prefix_projection=False)
+    model.save_pretrained(tmp_path / "src")
+    shapes = inspect_adapter(tmp_path / "src")["sites"]["self"]["layer_shapes"]
+    expected = {"deepseek_v3": [[4, 24, 12]] * 2, "gemma4": [[2, 16, 16]] * 3 + [[2, 32, 32]]}[family]
+    assert shapes == expected
+    card = (tmp_path / "src" / "README.md").read_text()
+    assert {"deepseek_v3": "4 × 24 keys, 12 values", "gemma4": "3 layers 2 × 16, 1 layer 2 × 32"}[family] in card
+    with pytest.raises(AdapterFileError, match="layers differ in key/value heads or head dimension"):
+        export_to_peft(tmp_path / "src", tmp_path / "stock")
+    assert not (tmp_path / "stock").exists()

@@ -63,6 +63,8 @@ def row(inputs: dict, i: int) -> dict:
         ("t5", False),
         ("bart", False),
         ("bert", False),
+        ("deepseek_v3", False),
+        ("gemma4", True),
     ],
 )
 def test_each_row_of_a_mixed_forward_equals_running_it_alone(family, offset, attn):
@@ -85,7 +87,7 @@ def test_each_row_of_a_mixed_forward_equals_running_it_alone(family, offset, att
     [{"do_sample": False}, {"num_beams": 2, "do_sample": False}, {"num_beams": 2, "num_return_sequences": 2}],
     ids=["greedy", "beam", "beam-return-2"],
 )
-@pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "deepseek_v3"])
 def test_each_row_of_a_mixed_generate_equals_generating_it_alone(family, generation):
     model, task = two_adapter_model(family, offset=family == "llama")
     inputs = batch(len(ROWS), task)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_model
+from conftest import multimodal_batch, site_kwargs, tiny_model
 from peft import get_peft_model
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
 from peft_prefix_plus import PrefixPlusConfig
 
@@ -102,3 +102,45 @@ def test_trainer_load_best_model_at_end_restores_the_best_adapter(tmp_path):
     # and the model evaluates as the best checkpoint did
     history = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     assert abs(trainer.evaluate()["eval_loss"] - history[0]) < 1e-5
+
+
+class AudioRows(torch.utils.data.Dataset):
+    """Whisper rows: log-mel features and decoder labels."""
+
+    def __init__(self, count: int = 8) -> None:
+        self.batch = multimodal_batch("whisper", batch_size=count)
+
+    def __len__(self) -> int:
+        return len(self.batch["labels"])
+
+    def __getitem__(self, i: int) -> dict:
+        return {key: value[i] for key, value in self.batch.items()}
+
+
+def test_seq2seq_trainer_trains_every_whisper_site(tmp_path):
+    """Whisper from audio features: a Seq2SeqTrainer step changes every adapter parameter (encoder, decoder and
+    cross-attention prefixes) and no base model weight."""
+    base, task_type = tiny_model("whisper")
+    model = get_peft_model(
+        base, PrefixPlusConfig(task_type=task_type, num_virtual_tokens=3, mlp_depth=2, **site_kwargs("SEQ_2_SEQ_LM"))
+    )
+    assert set(model.base_model._sites) == {"self", "encoder", "cross"}
+    initial = adapter_state(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=AudioRows())
+    assert trainer.train().training_loss > 0
+    final = adapter_state(model)
+    assert {n.split(".prefix_plus_sites.default.")[1].split(".")[0] for n in final} == {"self", "encoder", "cross"}
+    assert all(not torch.equal(initial[n], final[n]) for n in initial)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)

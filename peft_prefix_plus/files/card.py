@@ -33,8 +33,8 @@ from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.utils import get_peft_model_state_dict
 
 from ..errors import PrefixPlusValueError
-from ..tuner.config import PrefixPlusConfig
-from ..tuner.geometry import adapter_geometry, build_site_encoders, is_encoder_decoder
+from ..tuner.config import PrefixPlusConfig, site_layer_shapes
+from ..tuner.geometry import adapter_geometry, build_site_encoders, format_layer_shapes, is_encoder_decoder
 from .write import atomic_file
 
 DISTRIBUTION = "peft-prefix-plus"
@@ -237,7 +237,13 @@ def _config_table(summary: AdapterSummary) -> str:
     geometry = adapter_geometry(config)
     rows = ["| Site | Prefix length | Layers with a prefix | Key/value heads × head dim |", "|---|---|---|---|"]
     for site, length in config.site_lengths(is_encoder_decoder(shapes)).items():
-        where, heads = geometry.get(site), f"{shapes[site]['num_key_value_heads']} × {shapes[site]['head_dim']}"
+        entry = shapes[site]
+        heads = (
+            format_layer_shapes(site_layer_shapes(entry))
+            if "layer_shapes" in entry
+            else f"{entry['num_key_value_heads']} × {entry['head_dim']}"
+        )
+        where = geometry.get(site)
         if where is None:
             layers = "none"
         elif where.covers_all_layers:

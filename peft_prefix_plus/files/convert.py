@@ -16,7 +16,7 @@ from peft import PrefixTuningConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 
-from ..errors import AdapterFileError, PrefixPlusValueError
+from ..errors import AdapterFileError, PrefixPlusValueError, UnsupportedError
 from ..tuner.config import PrefixPlusConfig
 from ..tuner.layer import PrefixSiteEncoder, site_layout
 from ..tuner.model import PrefixPlusModel
@@ -113,6 +113,11 @@ def copy_stock_prefix(stock_model: nn.Module, model: nn.Module, adapter_name: st
     ```
     """
     encoder = _self_site_encoder(model, adapter_name)
+    if encoder.is_row_layout:
+        raise UnsupportedError(
+            "The PrefixPlus adapter's layers differ in key/value shape (or keys are wider than values), which stock "
+            "PEFT prefix tuning cannot represent: there is no stock prefix to copy for this model."
+        )
     if encoder.is_projected:
         raise PrefixPlusValueError(
             "The PrefixPlus adapter uses an MLP (prefix_projection=True); copy into a raw adapter "
@@ -190,6 +195,12 @@ def export_refusals(adapter: PrefixPlusFiles) -> list[str]:
         reasons.append(
             f"layers_to_transform={config.layers_to_transform} covers only some of the {geometry['self'].num_layers} "
             "layers; stock PEFT puts a prefix on every layer"
+        )
+    if "self" in geometry and geometry["self"].per_layer:
+        reasons.append(
+            "its layers differ in key/value heads or head dimension, or keys are wider than values (per layer: "
+            f"{sorted(set(geometry['self'].transformed_layer_shapes))} as [heads, key dim, value dim]); stock PEFT "
+            "has one shape for every layer's keys and values"
         )
     if not config.offset_position_ids:
         reasons.append(

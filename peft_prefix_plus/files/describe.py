@@ -8,6 +8,7 @@ from typing import Any, Union
 
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
+from ..tuner.geometry import format_layer_shapes
 from .card import CARD_NAME
 from .read import read_prefix_plus_adapter
 
@@ -87,7 +88,8 @@ def inspect_adapter(directory: PathLike) -> dict[str, Any]:
 
     Returns:
         `dict`: JSON-serialisable: ``path``, ``peft_type``, ``task_type``, ``base_model_name_or_path``, ``sites`` (per
-        site: ``num_virtual_tokens``, ``layers``, ``num_layers``, ``num_key_value_heads``, ``head_dim``,
+        site: ``num_virtual_tokens``, ``layers``, ``num_layers``, ``num_key_value_heads`` and ``head_dim`` (of the
+        first layer), ``layer_shapes`` (``[heads, key dim, value dim]`` per transformed layer),
         ``num_parameters``), ``mlp`` (the MLP shape, or ``"raw"``), ``merged``, ``merged_from``,
         ``offset_position_ids``, ``num_parameters``, ``raw_prefix_parameters``, ``dtype``, ``modules_to_save`` (the
         names of the extra tensors), ``nonfinite`` (NaN/Inf count per tensor that has any), and from `disk_usage`:
@@ -113,6 +115,7 @@ def inspect_adapter(directory: PathLike) -> dict[str, Any]:
             "num_layers": geometry.num_layers,
             "num_key_value_heads": geometry.num_key_value_heads,
             "head_dim": geometry.head_dim,
+            "layer_shapes": [list(shape) for shape in geometry.transformed_layer_shapes],
             "num_parameters": sum(t.numel() for name, t in adapter.tensors.items() if name.split(".")[0] == site),
         }
     return {
@@ -155,8 +158,8 @@ def format_inspection(info: dict[str, Any]) -> str:
         layer_text = "all" if len(layers) == site_info["num_layers"] else ", ".join(map(str, layers))
         lines.append(
             f"    {site:<8} prefix length {site_info['num_virtual_tokens']}, layers {layer_text} "
-            f"(of {site_info['num_layers']}), {site_info['num_key_value_heads']} key/value heads x "
-            f"head_dim {site_info['head_dim']}"
+            f"(of {site_info['num_layers']}), key/value heads × head dim "
+            f"{format_layer_shapes([tuple(shape) for shape in site_info['layer_shapes']])}"
         )
     mlp = info["mlp"]
     if mlp == "raw":

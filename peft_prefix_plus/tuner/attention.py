@@ -183,10 +183,10 @@ def _make_prefix_attention(implementation: str) -> Callable:
             if seeded.owner is not layer.cache_owner:
                 raise PrefixPlusValueError(FOREIGN_CACHE_MESSAGE)
             if not call.disabled and seeded.state == layer.prefix_state(rows):
-                inside = seeded.prefix_length
-                if rows is not None:
+                inside = seeded.prefix_length  # 0 where the model caches something else (see `PrefixedCacheLayer`)
+                if rows is not None and inside:
                     columns = layer.row_columns(site, index, rows, device=key.device)
-                elif query.shape[2] == 1 and attention_mask is None:
+                elif inside and query.shape[2] == 1 and attention_mask is None:
                     # a decoding step with nothing to mask: exactly the base model's call
                     return base(module, query, key, value, None, **kwargs)
             else:  # the adapters changed since the cache was seeded: attend the real keys, then the current prefix

@@ -59,13 +59,15 @@ class PrefixPlusConfig(PeftConfig):
         tokenizer_name_or_path (`str`, *optional*): The tokenizer for `init_text`; `None` means the base model's
             `name_or_path`.
         site_shapes (`dict`, *optional*): Filled in by PrefixPlus when the adapter is created: for each site, the
-            number of layers, key/value heads and head dimension of the model. Used to check that an adapter is
-            loaded onto a matching model and to merge or inspect an adapter without the model.
+            number of layers, key/value heads and head dimension of the model (`num_layers`, `num_key_value_heads`,
+            `head_dim`); where the layers of a site differ, or keys are wider than values (multi-head latent
+            attention), `num_layers` and `layer_shapes`: one `[key/value heads, key dim, value dim]` per layer.
+            Used to check that an adapter is loaded onto a matching model and to merge or inspect an adapter without
+            the model.
         token_dim (`int`, *optional*): Input width of the MLP (and, unless `mlp_hidden_size` is set, its hidden
             width). `None` means the key/value width of the model's self-attention, `num_key_value_heads * head_dim`,
             as stock PEFT does; that is the hidden size except on grouped-query models. Filled in when the adapter is
-            created and saved with it, so adapters keep the width they were trained with. peft-prefix-plus 0.1.0
-            used the hidden size: set `token_dim` to the model's hidden size to get that behaviour back.
+            created and saved with it, so adapters keep the width they were trained with.
         merged_from (`dict`, *optional*): Set by `merge_mlp`: the MLP shape the raw prefixes were produced by.
         modules_to_save (`list[str]`, *optional*): Modules apart from the prefixes to be set as trainable and saved in
             the adapter, as in LoRA. For `SEQ_CLS` and `TOKEN_CLS` PEFT adds the classification head (`classifier`,
@@ -139,7 +141,10 @@ class PrefixPlusConfig(PeftConfig):
     )
     site_shapes: Optional[dict[str, dict[str, int]]] = field(
         default=None,
-        metadata={"help": "Filled in at creation: per site, num_layers, num_key_value_heads and head_dim."},
+        metadata={
+            "help": "Filled in at creation: per site, num_layers, num_key_value_heads and head_dim, or num_layers and "
+            "layer_shapes ([heads, key dim, value dim] per layer) where the layers differ."
+        },
     )
     token_dim: Optional[int] = field(
         default=None,
@@ -266,8 +271,10 @@ class PrefixPlusConfig(PeftConfig):
         }
 
 
-#: The keys of each entry of `PrefixPlusConfig.site_shapes`.
+#: The keys of an entry of `PrefixPlusConfig.site_shapes` whose layers share one geometry.
 SITE_SHAPE_KEYS: tuple[str, ...] = ("num_layers", "num_key_value_heads", "head_dim")
+#: The keys of an entry whose layers differ: one ``[key/value heads, key dim, value dim]`` per layer.
+PER_LAYER_SHAPE_KEYS: tuple[str, ...] = ("num_layers", "layer_shapes")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -278,7 +285,8 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 def check_site_shapes_value(site_shapes: Any) -> None:
-    """`site_shapes` as PrefixPlus writes it: per known site, positive `num_layers`, `num_key_value_heads`, `head_dim`."""
+    """`site_shapes` as PrefixPlus writes it: per known site, either `num_layers`, `num_key_value_heads` and
+    `head_dim`, or `num_layers` and `layer_shapes` (one `[heads, key dim, value dim]` per layer), all positive."""
     if not isinstance(site_shapes, dict) or not site_shapes:
         raise PrefixPlusConfigError(
             f"`site_shapes` must map sites {SITES} to their shapes, got {site_shapes!r}. It is filled in when the "
@@ -287,9 +295,63 @@ def check_site_shapes_value(site_shapes: Any) -> None:
     for site, shape in site_shapes.items():
         if site not in SITES:
             raise PrefixPlusConfigError(f"`site_shapes` names an unknown site {site!r}; sites are {SITES}.")
-        if not isinstance(shape, dict) or set(shape) != set(SITE_SHAPE_KEYS):
+        if not isinstance(shape, dict) or set(shape) not in (set(SITE_SHAPE_KEYS), set(PER_LAYER_SHAPE_KEYS)):
             raise PrefixPlusConfigError(
-                f"`site_shapes[{site!r}]` must have exactly the keys {SITE_SHAPE_KEYS}, got {shape!r}."
+                f"`site_shapes[{site!r}]` must have exactly the keys {SITE_SHAPE_KEYS} or {PER_LAYER_SHAPE_KEYS}, got "
+                f"{shape!r}."
             )
-        for key in SITE_SHAPE_KEYS:
+        for key in set(shape) - {"layer_shapes"}:
             _check_int(f"site_shapes[{site!r}][{key!r}]", shape[key], minimum=1)
+        if "layer_shapes" in shape:
+            layers = shape["layer_shapes"]
+            if not isinstance(layers, list) or len(layers) != shape["num_layers"]:
+                raise PrefixPlusConfigError(
+                    f"`site_shapes[{site!r}]['layer_shapes']` must list one [heads, key dim, value dim] per layer "
+                    f"({shape['num_layers']}), got {layers!r}."
+                )
+            for index, layer in enumerate(layers):
+                if not isinstance(layer, (list, tuple)) or len(layer) != 3:
+                    raise PrefixPlusConfigError(
+                        f"`site_shapes[{site!r}]['layer_shapes'][{index}]` must be [heads, key dim, value dim], "
+                        f"got {layer!r}."
+                    )
+                for value in layer:
+                    _check_int(f"site_shapes[{site!r}]['layer_shapes'][{index}]", value, minimum=1)
+
+
+def site_layer_shapes(shape: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """Every layer's ``(key/value heads, key dim, value dim)`` of one `site_shapes` entry, whichever its form.
+
+    Args:
+        shape (`dict`): ``PrefixPlusConfig.site_shapes[site]`` (validated).
+
+    Example:
+
+    ```py
+    >>> site_layer_shapes({"num_layers": 2, "num_key_value_heads": 2, "head_dim": 8})
+    [(2, 8, 8), (2, 8, 8)]
+    ```
+    """
+    if "layer_shapes" in shape:
+        return [tuple(layer) for layer in shape["layer_shapes"]]
+    return [(shape["num_key_value_heads"], shape["head_dim"], shape["head_dim"])] * shape["num_layers"]
+
+
+def site_shapes_entry(layer_shapes: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """The `site_shapes` entry of a site whose layers have ``layer_shapes``: the short form where every layer has the
+    same heads and one head dim for keys and values, else the per-layer form.
+
+    Args:
+        layer_shapes (`list[tuple[int, int, int]]`): ``(key/value heads, key dim, value dim)`` per layer.
+
+    Example:
+
+    ```py
+    >>> site_shapes_entry([(4, 24, 12), (4, 24, 12)])
+    {'num_layers': 2, 'layer_shapes': [[4, 24, 12], [4, 24, 12]]}
+    ```
+    """
+    first = layer_shapes[0]
+    if all(layer == first for layer in layer_shapes) and first[1] == first[2]:
+        return {"num_layers": len(layer_shapes), "num_key_value_heads": first[0], "head_dim": first[1]}
+    return {"num_layers": len(layer_shapes), "layer_shapes": [list(layer) for layer in layer_shapes]}

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import PrefixPlusConfigError
-from .config import PrefixPlusConfig, check_site_shapes_value
-from .layer import PrefixSiteEncoder
+from .config import PrefixPlusConfig, check_site_shapes_value, site_layer_shapes
+from .layer import PrefixSiteEncoder, prefix_shape
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,11 @@ class SiteGeometry:
         num_virtual_tokens (`int`): Prefix length at this site.
         num_layers (`int`): Number of attention layers of the model at this site (the whole stack).
         layer_indices (`range` or `tuple[int, ...]`): Indices (within the stack) of the layers that get a prefix.
-        num_key_value_heads (`int`): Key/value heads of the attention at this site.
-        head_dim (`int`): Head dimension of the attention at this site.
+        num_key_value_heads (`int`): Key/value heads of the attention at this site (of its first layer).
+        head_dim (`int`): Head dimension of the attention at this site (of its first layer's keys).
+        layer_shapes (`tuple`, *optional*): ``(heads, key dim, value dim)`` of each transformed layer, where the
+            site's layers differ or keys are wider than values; `None` when every layer has ``(num_key_value_heads,
+            head_dim, head_dim)``.
 
     Example:
 
@@ -52,16 +55,34 @@ class SiteGeometry:
     layer_indices: Union[range, tuple[int, ...]]
     num_key_value_heads: int
     head_dim: int
+    layer_shapes: Optional[tuple[tuple[int, int, int], ...]] = None
 
     @property
-    def shape(self) -> tuple[int, int, int, int, int]:
-        """The raw prefix shape ``(transformed layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``."""
-        return (len(self.layer_indices), 2, self.num_key_value_heads, self.num_virtual_tokens, self.head_dim)
+    def transformed_layer_shapes(self) -> list[tuple[int, int, int]]:
+        """``(heads, key dim, value dim)`` of each transformed layer."""
+        if self.layer_shapes is not None:
+            return list(self.layer_shapes)
+        return [(self.num_key_value_heads, self.head_dim, self.head_dim)] * len(self.layer_indices)
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether the site's layers differ in shape, or keys are wider than values (the row layout)."""
+        return len(self.shape) == 2
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The raw prefix shape: ``(transformed layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``, or
+        ``(num_virtual_tokens, width)`` where the layers differ (see `PrefixSiteEncoder`)."""
+        if self.layer_shapes is None:
+            return (len(self.layer_indices), 2, self.num_key_value_heads, self.num_virtual_tokens, self.head_dim)
+        return prefix_shape(self.num_virtual_tokens, list(self.layer_shapes))
 
     @property
     def out_features(self) -> int:
         """Width of one virtual token's prefix over all layers: the MLP's output width."""
-        return len(self.layer_indices) * 2 * self.num_key_value_heads * self.head_dim
+        if self.layer_shapes is None:  # arithmetic only: an absurd layer count is measured before it is refused
+            return len(self.layer_indices) * 2 * self.num_key_value_heads * self.head_dim
+        return sum(heads * (key_dim + value_dim) for heads, key_dim, value_dim in self.layer_shapes)
 
     @property
     def covers_all_layers(self) -> bool:
@@ -175,9 +196,13 @@ def adapter_geometry(config: PrefixPlusConfig) -> dict[str, SiteGeometry]:
         layers = layer_indices(shape["num_layers"], config.layers_to_transform)
         if not layers:
             continue
-        geometry[site] = SiteGeometry(
-            site, length, shape["num_layers"], layers, shape["num_key_value_heads"], shape["head_dim"]
-        )
+        if "layer_shapes" in shape:
+            every_layer = site_layer_shapes(shape)
+            heads, head_dim, _ = every_layer[0]
+            transformed = tuple(every_layer[index] for index in layers)
+        else:  # one shape for every layer: nothing as long as the number of layers is built
+            heads, head_dim, transformed = shape["num_key_value_heads"], shape["head_dim"], None
+        geometry[site] = SiteGeometry(site, length, shape["num_layers"], layers, heads, head_dim, transformed)
     return geometry
 
 
@@ -250,5 +275,34 @@ def build_site_encoders(config: PrefixPlusConfig, device: Union[str, torch.devic
                 geometry.num_key_value_heads,
                 geometry.head_dim,
                 config,
+                geometry.transformed_layer_shapes,
             )
     return encoders
+
+
+def format_layer_shapes(layer_shapes: Sequence[tuple[int, int, int]]) -> str:
+    """A site's key/value shapes as text: ``"2 × 16"`` where every layer has one shape and keys as wide as values,
+    else each distinct shape with its layer count (``"3 layers 2 × 16, 1 layer 2 × 512"``; ``"4 × 24 keys, 12
+    values"`` where keys are wider than values).
+
+    Args:
+        layer_shapes (`Sequence[tuple[int, int, int]]`): ``(heads, key dim, value dim)`` per layer.
+
+    Example:
+
+    ```py
+    >>> format_layer_shapes([(4, 24, 12)] * 2)
+    '4 × 24 keys, 12 values'
+    ```
+    """
+
+    def one(shape: tuple[int, int, int]) -> str:
+        heads, key_dim, value_dim = shape
+        return f"{heads} × {key_dim}" if key_dim == value_dim else f"{heads} × {key_dim} keys, {value_dim} values"
+
+    counts: dict[tuple[int, int, int], int] = {}
+    for shape in layer_shapes:
+        counts[tuple(shape)] = counts.get(tuple(shape), 0) + 1
+    if len(counts) == 1:
+        return one(next(iter(counts)))
+    return ", ".join(f"{count} layer{'s' if count > 1 else ''} {one(shape)}" for shape, count in counts.items())

@@ -98,11 +98,22 @@ class PrefixedCacheLayer(DynamicLayer):
                 "(call `generate` or the model without `cache`)."
             )
         if not self.is_initialized:
+            if not (self._fits(self.prefix[0], key_states) and self._fits(self.prefix[1], value_states)):
+                # the model caches something other than the keys and values its attention receives (multi-head
+                # latent attention caches the compressed latents): the prefix stays out of this cache, and the
+                # attention call puts it in front of the keys at every step
+                self.prefix_length = 0
+                return super().update(key_states, value_states, *args, **kwargs)
             self.device, self.is_initialized = key_states.device, True
             self.keys = torch.cat([self._expanded(self.prefix[0], key_states), key_states], dim=-2)
             self.values = torch.cat([self._expanded(self.prefix[1], value_states), value_states], dim=-2)
             return self.keys, self.values
         return super().update(key_states, value_states, *args, **kwargs)
+
+    @staticmethod
+    def _fits(prefix: torch.Tensor, states: torch.Tensor) -> bool:
+        """Whether ``prefix`` has the heads and width of the ``states`` the model caches."""
+        return states.dim() == 4 and prefix.shape[-3] == states.shape[1] and prefix.shape[-1] == states.shape[-1]
 
     @staticmethod
     def _expanded(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..errors import AdapterFileError, UnsupportedError
-from .config import PrefixPlusConfig
+from .config import PrefixPlusConfig, site_layer_shapes
 from .kv_cache import CacheOwner
 
 MERGE_INTO_WEIGHTS_MESSAGE = (
@@ -47,14 +47,17 @@ def build_mlp(token_dim: int, hidden_size: int, depth: int, activation: str, out
     return nn.Sequential(*layers)
 
 
-def site_layout(flat: torch.Tensor, shape: tuple[int, int, int, int, int]) -> torch.Tensor:
+def site_layout(flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """View prefixes stored one row per virtual token, as the MLP produces them and stock PEFT saves them, in the
     site layout ``(num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)`` (no copy).
+
+    A site whose layers differ in shape keeps the row layout: its shape is ``(num_virtual_tokens, width)``, and
+    ``flat`` is returned as it is.
 
     Args:
         flat (`torch.Tensor`): Shape ``(num_virtual_tokens, num_layers * 2 * num_key_value_heads * head_dim)``, each
             row laid out as ``(layer, key/value, head, head_dim)``.
-        shape (`tuple`): The site shape.
+        shape (`tuple`): The site shape (`PrefixSiteEncoder.shape`).
 
     Example:
 
@@ -63,8 +66,32 @@ def site_layout(flat: torch.Tensor, shape: tuple[int, int, int, int, int]) -> to
     torch.Size([4, 2, 2, 20, 16])
     ```
     """
+    if len(shape) == 2:
+        return flat.view(shape)
     num_layers, _, heads, length, head_dim = shape
     return flat.view(length, num_layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4)
+
+
+def prefix_shape(num_virtual_tokens: int, layer_shapes: list[tuple[int, int, int]]) -> tuple[int, ...]:
+    """The shape a site's raw prefix is held in: the site layout ``(layers, 2, heads, num_virtual_tokens, head_dim)``
+    where every layer has ``(heads, head_dim, head_dim)``, else the row layout ``(num_virtual_tokens, width)`` (see
+    `PrefixSiteEncoder`).
+
+    Args:
+        num_virtual_tokens (`int`): Prefix length.
+        layer_shapes (`list[tuple[int, int, int]]`): ``(heads, key dim, value dim)`` of each transformed layer.
+
+    Example:
+
+    ```py
+    >>> prefix_shape(8, [(4, 24, 12)] * 2)
+    (8, 144)
+    ```
+    """
+    heads, key_dim, value_dim = layer_shapes[0]
+    if key_dim == value_dim and all(tuple(shape) == (heads, key_dim, value_dim) for shape in layer_shapes):
+        return (len(layer_shapes), 2, heads, num_virtual_tokens, key_dim)
+    return (num_virtual_tokens, sum(h * (k + v) for h, k, v in layer_shapes))
 
 
 def tensor_mismatches(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> list[str]:
@@ -98,9 +125,13 @@ def tensor_mismatches(expected: dict[str, tuple[int, ...]], found: dict[str, tup
 class PrefixSiteEncoder(nn.Module):
     """Produces the key/value prefixes of one attention site (e.g. decoder self-attention) for all its layers.
 
-    The output has shape ``(num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``: index ``[i, 0]``
-    holds the keys and ``[i, 1]`` the values of the ``i``-th transformed layer, in the layout attention uses. The
-    prefixes do not depend on the batch: they are computed once per forward pass and broadcast over the batch.
+    Where every layer has the same key/value heads and one head dimension for keys and values, the prefixes are held
+    in the site layout ``(num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``: index ``[i, 0]`` holds
+    the keys and ``[i, 1]`` the values of the ``i``-th transformed layer, in the layout attention uses. Where layers
+    differ (Gemma 4's sliding and full layers), or keys are wider than values (multi-head latent attention), they are
+    held in the row layout ``(num_virtual_tokens, width)``: each row holds, layer by layer, that layer's keys
+    (``heads * key_dim``) and then its values (``heads * value_dim``), so each layer gets exactly its own width. The
+    prefixes do not depend on the batch.
 
     Args:
         num_virtual_tokens (`int`): Prefix length.
@@ -108,6 +139,8 @@ class PrefixSiteEncoder(nn.Module):
         num_key_value_heads (`int`): Key/value heads of the model's attention at this site.
         head_dim (`int`): Head dimension of the model's attention at this site.
         config ([`PrefixPlusConfig`]): Supplies the projection, MLP, dropout and initialisation settings.
+        layer_shapes (`list[tuple[int, int, int]]`, *optional*): ``(heads, key dim, value dim)`` of each transformed
+            layer, where they differ from ``(num_key_value_heads, head_dim, head_dim)``.
 
     Example:
 
@@ -125,13 +158,21 @@ class PrefixSiteEncoder(nn.Module):
         num_key_value_heads: int,
         head_dim: int,
         config: PrefixPlusConfig,
+        layer_shapes: Optional[list[tuple[int, int, int]]] = None,
     ) -> None:
         super().__init__()
         num_layers = len(layer_indices)
+        if layer_shapes is None:
+            layer_shapes = [(num_key_value_heads, head_dim, head_dim)] * num_layers
+        self.layer_shapes = [tuple(shape) for shape in layer_shapes]
+        self.num_virtual_tokens = num_virtual_tokens
         self.slots = {layer: slot for slot, layer in enumerate(layer_indices)}
-        self.shape = (num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)
+        widths = [heads * (key_dim + value_dim) for heads, key_dim, value_dim in self.layer_shapes]
+        #: column where each slot's keys start in a row of the MLP's output (or of the row layout)
+        self.offsets = [sum(widths[:slot]) for slot in range(num_layers + 1)]
+        out_features = self.offsets[-1]
+        self.shape = prefix_shape(num_virtual_tokens, self.layer_shapes)
         self.dropout = nn.Dropout(config.prefix_dropout)
-        out_features = num_layers * 2 * num_key_value_heads * head_dim
         if config.prefix_projection:
             self.embedding = nn.Embedding(num_virtual_tokens, config.token_dim)
             hidden = config.mlp_hidden_size or config.token_dim
@@ -150,6 +191,11 @@ class PrefixSiteEncoder(nn.Module):
                 nn.init.normal_(self.prefix)
 
     @property
+    def is_row_layout(self) -> bool:
+        """Whether the prefixes are held in the row layout (the site's layers differ in shape)."""
+        return len(self.shape) == 2
+
+    @property
     def is_projected(self) -> bool:
         """Whether the prefixes come from an MLP (`True`) or are raw parameters (`False`)."""
         return hasattr(self, "mlp")
@@ -162,7 +208,8 @@ class PrefixSiteEncoder(nn.Module):
         return out + self.prefix_init if hasattr(self, "prefix_init") else out
 
     def layer_prefix(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values of one layer, each ``(num_key_value_heads, num_virtual_tokens, head_dim)``.
+        """The keys and values of one layer, ``(heads, num_virtual_tokens, key_dim)`` and ``(heads,
+        num_virtual_tokens, value_dim)``.
 
         A pure function of the parameters, computed where the attention call needs it: a raw prefix is indexed; an
         MLP runs its trunk on the embedding (``num_virtual_tokens`` rows, cheap) and then only this layer's rows of
@@ -171,22 +218,49 @@ class PrefixSiteEncoder(nn.Module):
         Args:
             slot (`int`): The layer's position among this site's transformed layers.
         """
-        _, _, heads, length, head_dim = self.shape
+        heads, key_dim, value_dim = self.layer_shapes[slot]
+        columns = slice(self.offsets[slot], self.offsets[slot + 1])
         if not self.is_projected:
-            pair = self.prefix[slot]
+            if not self.is_row_layout:
+                keys, values = self.dropout(self.prefix[slot])
+                return keys, values
+            flat = self.prefix[:, columns]
         else:
             *trunk, last = self.mlp
             hidden = self.embedding.weight
             for module in trunk:
                 hidden = module(hidden)
-            width = 2 * heads * head_dim
-            rows = slice(slot * width, (slot + 1) * width)
-            out = nn.functional.linear(hidden, last.weight[rows], last.bias[rows])
-            pair = out.view(length, 2, heads, head_dim).permute(1, 2, 0, 3)
-            if hasattr(self, "prefix_init"):
-                pair = pair + self.prefix_init[slot]
-        pair = self.dropout(pair)
-        return pair[0], pair[1]
+            flat = nn.functional.linear(hidden, last.weight[columns], last.bias[columns])
+            if hasattr(self, "prefix_init") and self.is_row_layout:
+                flat = flat + self.prefix_init[:, columns]
+        length = self.num_virtual_tokens
+        if self.is_row_layout:
+            keys = flat[:, : heads * key_dim].view(length, heads, key_dim).transpose(0, 1)
+            values = flat[:, heads * key_dim :].view(length, heads, value_dim).transpose(0, 1)
+            return self.dropout(keys), self.dropout(values)
+        pair = flat.view(length, 2, heads, key_dim).permute(1, 2, 0, 3)
+        if hasattr(self, "prefix_init"):
+            pair = pair + self.prefix_init[slot]
+        keys, values = self.dropout(pair)
+        return keys, values
+
+    def pack(self, layer_prefixes: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Every transformed layer's ``(keys, values)``, as `layer_prefix` returns them, in this encoder's layout.
+
+        Args:
+            layer_prefixes (`list[tuple[torch.Tensor, torch.Tensor]]`): One pair per slot, in slot order.
+
+        Example:
+
+        ```py
+        >>> torch.equal(encoder.pack([encoder.layer_prefix(s) for s in range(len(encoder.slots))]), encoder.project())
+        True
+        ```
+        """
+        if not self.is_row_layout:
+            return torch.stack([torch.stack(pair) for pair in layer_prefixes])
+        length = self.num_virtual_tokens
+        return torch.cat([part.transpose(0, 1).reshape(length, -1) for pair in layer_prefixes for part in pair], dim=1)
 
     @torch.no_grad()
     def set_initial_prefix(self, prefix: torch.Tensor) -> None:
@@ -194,7 +268,7 @@ class PrefixSiteEncoder(nn.Module):
         fixed part of an MLP whose last layer is zero (text initialisation).
 
         Args:
-            prefix (`torch.Tensor`): Shape ``(num_layers, 2, num_key_value_heads, num_virtual_tokens, head_dim)``.
+            prefix (`torch.Tensor`): Of this encoder's `shape` (see `pack`).
         """
         target = self.prefix_init if self.is_projected else self.prefix
         target.copy_(prefix.to(device=target.device, dtype=target.dtype))
@@ -301,10 +375,10 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         for site, length in lengths.items():
             if length == 0 or not site_layers.get(site):
                 continue
-            shape = config.site_shapes[site]
-            sites[site] = PrefixSiteEncoder(
-                length, site_layers[site], shape["num_key_value_heads"], shape["head_dim"], config
-            )
+            layer_shapes = site_layer_shapes(config.site_shapes[site])
+            heads, head_dim, _ = layer_shapes[0]
+            transformed = [layer_shapes[index] for index in site_layers[site]]
+            sites[site] = PrefixSiteEncoder(length, site_layers[site], heads, head_dim, config, transformed)
         self.prefix_plus_sites[adapter_name] = sites
         self._move_adapter_to_device_of_base_layer(adapter_name)
 
@@ -411,16 +485,16 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         if not encoders:
             return None
         produced = {name: encoder(encoder.slots[layer]) for name, encoder in encoders.items()}
-        sample = next(iter(produced.values()))[0]
-        width = max(encoder.shape[3] for encoder in encoders.values())
-        keys = sample.new_zeros((len(rows), sample.shape[0], width, sample.shape[2]))
-        values = torch.zeros_like(keys)
+        sample_keys, sample_values = next(iter(produced.values()))
+        width = max(encoder.num_virtual_tokens for encoder in encoders.values())
+        keys = sample_keys.new_zeros((len(rows), sample_keys.shape[0], width, sample_keys.shape[2]))
+        values = sample_values.new_zeros((len(rows), sample_values.shape[0], width, sample_values.shape[2]))
         for name, (name_keys, name_values) in produced.items():
             index = [i for i, row in enumerate(rows) if row == name]
             length = name_keys.shape[1]
             keys[index, :, :length] = name_keys
             values[index, :, :length] = name_values
-        return keys, values, self.row_columns(site, layer, rows, device=sample.device)
+        return keys, values, self.row_columns(site, layer, rows, device=sample_keys.device)
 
     def row_columns(
         self, site: str, layer: int, rows: tuple[str, ...], device: Optional[torch.device] = None
@@ -431,17 +505,19 @@ class PrefixPlusLayer(nn.Module, BaseTunerLayer):
         }
         if not encoders:
             return None
-        width = max(encoder.shape[3] for encoder in encoders.values())
-        lengths = torch.tensor([encoders[row].shape[3] if row in encoders else 0 for row in rows], device=device)
+        width = max(encoder.num_virtual_tokens for encoder in encoders.values())
+        lengths = torch.tensor(
+            [encoders[row].num_virtual_tokens if row in encoders else 0 for row in rows], device=device
+        )
         return torch.arange(width, device=device)[None, :] < lengths[:, None]
 
     def active_length(self, site: str) -> int:
         """Total prefix length of the active adapters at ``site`` (0 when disabled)."""
         if self.disable_adapters:
             return 0
-        return sum(encoder.shape[3] for encoder in self._active_encoders(site))
+        return sum(encoder.num_virtual_tokens for encoder in self._active_encoders(site))
 
     def adapter_length(self, adapter_name: str, site: str) -> int:
         """Prefix length of one adapter at ``site`` (0 for ``"__base__"`` or an adapter without that site)."""
         sites = self.prefix_plus_sites[adapter_name] if adapter_name in self.prefix_plus_sites else {}  # noqa: SIM401
-        return sites[site].shape[3] if site in sites else 0
+        return sites[site].num_virtual_tokens if site in sites else 0

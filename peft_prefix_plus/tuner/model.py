@@ -36,7 +36,7 @@ from .attention import (
     unwrap_attention_implementations,
     wrap_attention_implementation,
 )
-from .config import PrefixPlusConfig
+from .config import PrefixPlusConfig, site_layer_shapes, site_shapes_entry
 from .discovery import AttentionSite, discover_attention_sites, execution_device, stack_keywords_reach_attention
 from .geometry import layer_indices
 from .kv_cache import PrefixedCacheLayer, cache_layer, seed_prefix_cache
@@ -222,6 +222,21 @@ class PrefixPlusModel(BaseTuner):
             )
         sites = discover_attention_sites(model)
         self._stack_sites = _attention_stacks(model, sites)
+        # Each attention call gets its pass's `PrefixCall` as a keyword argument: from the stack's call where the
+        # stack hands its keyword arguments down (transformers' `**kwargs` route; found by a probe pass), else from a
+        # pre-hook on the attention module itself, whose forward must then take them
+        self._delivered = stack_keywords_reach_attention(model, [stack for stack, _ in self._stack_sites])
+        for found in sites.values():
+            if all(id(module) in self._delivered for module in found.modules):
+                continue
+            closed = next((m for m in found.modules if not _takes_keywords(m)), None)
+            if closed is not None:
+                raise UnsupportedError(
+                    f"{type(closed).__name__} of {type(model).__name__} computes attention through transformers' "
+                    "AttentionInterface, but neither its stack nor its own forward passes keyword arguments on, so "
+                    "PrefixPlus cannot hand its prefix to the attention call. Use another PEFT method for this model, "
+                    "e.g. LoRA."
+                )
         # real tokens' positions are shifted where the decoder-only stack takes them
         self._accepts_position_ids = any(
             "position_ids" in inspect.signature(stack.forward).parameters
@@ -254,17 +269,20 @@ class PrefixPlusModel(BaseTuner):
         # continuous batching entry point calls `self.init_continuous_batching`, so all refuse before anything runs
         if hasattr(model, CONTINUOUS_BATCHING_ENTRY):
             setattr(model, CONTINUOUS_BATCHING_ENTRY, _refuse_continuous_batching)
-        # Each attention call gets this pass's `PrefixCall` as a keyword argument. Where the stack hands its keyword
-        # arguments down to the attention function (transformers' `**kwargs` route; found by a probe pass), the
-        # stack's pre-hook adds it once per pass; elsewhere (Falcon) a pre-hook on each attention module does. Decoder
-        # self- and cross-attention whose own code does not size a position bias from the cached keys seed their
-        # prefix into an empty generation cache at their KV cache layer index.
-        delivered = stack_keywords_reach_attention(model, [stack for stack, _ in self._stack_sites])
+        # Where the stack hands its keyword arguments down, the stack's pre-hook adds the `PrefixCall` once per pass;
+        # elsewhere (Falcon) a pre-hook on each attention module does. Decoder self- and cross-attention whose own
+        # code does not size a position bias from the cached keys seed their prefix into an empty generation cache at
+        # their KV cache layer index.
+        delivered = self._delivered
         self._hooks = []
         self._module_hooked = []
         seeds: dict[str, list[Seed]] = {}
         for site, found in sites.items():
-            seeding = site in ("self", "cross") and not found.position_bias
+            # Layers that reuse another layer's keys and values (Gemma 3n's `is_kv_shared_layer`) read them as the
+            # other layer's cache update returned them: a seeded prefix would reach them as real keys. Such models
+            # keep prefixes out of the cache, and every layer, a sharing one too, attends its own prefix.
+            shares_kv = any(getattr(module, "is_kv_shared_layer", False) for module in found.modules)
+            seeding = site in ("self", "cross") and not found.position_bias and not shares_kv
             by_stack = all(id(module) in delivered for module in found.modules)
             for index, module in enumerate(found.modules):
                 cache_index = getattr(module, "layer_idx", None)
@@ -313,6 +331,14 @@ class PrefixPlusModel(BaseTuner):
                 f"`task_type={config.task_type!r}` does not fit {model_type!r}, which is {kind} model; use "
                 f"`task_type={expected!r}`."
             )
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if config.task_type in causal_lm and "input_ids" not in inspect.signature(self.model.forward).parameters:
+            # PEFT's task wrappers (PeftModelForSeq2SeqLM, PeftModelForCausalLM) call the model with `input_ids=...`
+            raise PrefixPlusConfigError(
+                f"`task_type={config.task_type!r}` does not fit {model_type!r}, whose forward takes {main_input!r} "
+                "and no `input_ids`: PEFT's task wrapper for it passes `input_ids`, which the model refuses. Leave "
+                "`task_type` unset (None), as PEFT's own examples for Whisper do; the adapter works the same."
+            )
         if config.offset_position_ids and not any(getattr(m, "is_causal", True) for m in sites["self"].modules):
             raise PrefixPlusConfigError(
                 f"`offset_position_ids=True` is supported for decoder-only models only; {model_type!r} is an "
@@ -337,20 +363,13 @@ class PrefixPlusModel(BaseTuner):
                         f"`layers_to_transform` {config.layers_to_transform} is out of range: the '{site}' attention "
                         f"of {model_type!r} has {count} layers (valid indices 0 to {count - 1})."
                     )
-        shapes = {
-            site: {
-                "num_layers": len(found.modules),
-                "num_key_value_heads": found.num_key_value_heads,
-                "head_dim": found.head_dim,
-            }
-            for site, found in sites.items()
-        }
+        shapes = {site: site_shapes_entry(found.layer_shapes) for site, found in sites.items()}
         if config.site_shapes is not None:  # an adapter that was trained before: it must fit this model
             for site, length in lengths.items():
                 if not length:
                     continue
                 expected, actual = config.site_shapes.get(site), shapes.get(site)
-                if expected != actual:
+                if expected is None or actual is None or site_layer_shapes(expected) != site_layer_shapes(actual):
                     raise PrefixPlusConfigError(
                         f"The adapter was made for a model whose '{site}' attention has {expected} (layers, key/value "
                         f"heads, head dimension), but this {model_type!r} model has {actual}. Load the adapter onto the "
@@ -361,8 +380,8 @@ class PrefixPlusModel(BaseTuner):
         if config.token_dim is None:
             # stock PEFT's MLP input width: the key/value width, which is the hidden size unless the model uses
             # grouped-query attention (a wider input acts like a higher learning rate)
-            first = sites["self"] if "self" in sites else next(iter(sites.values()))
-            config.token_dim = first.num_key_value_heads * first.head_dim
+            heads, key_dim, _ = (sites["self"] if "self" in sites else next(iter(sites.values()))).layer_shapes[0]
+            config.token_dim = heads * key_dim
 
     # ------------------------------------------------------------------ forward
     @property
@@ -761,3 +780,9 @@ def _cache_argument(kwargs: dict) -> Any:
     """The KV cache passed to a transformers forward (`cache` in transformers 5, `past_key_values` before)."""
     cache = kwargs.get("cache")
     return kwargs.get("past_key_values") if cache is None else cache
+
+
+def _takes_keywords(module: nn.Module) -> bool:
+    """Whether ``module``'s forward takes arbitrary keyword arguments (``**kwargs``)."""
+    parameters = inspect.signature(module.forward).parameters.values()
+    return any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters)

@@ -58,7 +58,8 @@ def capture_key_values(
     model: nn.Module, call_options: Callable[..., AbstractContextManager], input_ids: torch.Tensor
 ) -> dict[tuple, Any]:
     """Run ``model`` once on ``input_ids`` without any prefix and return, per ``(site, layer index)``, the post-RoPE
-    ``(keys, values)`` its attention computed, each ``(1, num_key_value_heads, length, head_dim)``.
+    ``(keys, values)`` its attention computed, ``(1, num_key_value_heads, length, key_dim)`` and ``(1,
+    num_key_value_heads, length, value_dim)``.
 
     Encoder-decoder models read the tokens as encoder input and as decoder input, so the decoder self-attention sees
     the text and cross-attention sees the encoder's states of it.
@@ -109,15 +110,15 @@ def initialise_from_text(
     >>> model = get_peft_model(base, config)  # calls initialise_from_text
     ```
     """
-    length = max((encoder.shape[3] for encoder in layer.prefix_plus_sites[adapter_name].values()), default=0)
+    encoders = layer.prefix_plus_sites[adapter_name]
+    length = max((encoder.num_virtual_tokens for encoder in encoders.values()), default=0)
     if not length:
         return
     captured = capture_key_values(model, call_options, text_token_ids(model, config, length))
-    for site, encoder in layer.prefix_plus_sites[adapter_name].items():
-        length = encoder.shape[3]
+    for site, encoder in encoders.items():
         pairs = []
         for layer_index in sorted(encoder.slots, key=encoder.slots.get):
             keys, values = captured[(site, layer_index)]
-            positions = torch.arange(length, device=keys.device) % keys.shape[2]
-            pairs.append(torch.stack([keys[0][:, positions], values[0][:, positions]]))
-        encoder.set_initial_prefix(torch.stack(pairs))
+            positions = torch.arange(encoder.num_virtual_tokens, device=keys.device) % keys.shape[2]
+            pairs.append((keys[0][:, positions], values[0][:, positions]))
+        encoder.set_initial_prefix(encoder.pack(pairs))
