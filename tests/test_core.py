@@ -34,9 +34,10 @@ from conftest import (
     uses_attention_interface,
 )
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from safetensors.torch import load_file
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from peft_prefix_plus import PrefixPlusConfig
+from peft_prefix_plus import PrefixPlusConfig, merge_mlp_files
 from peft_prefix_plus.errors import UnsupportedError
 from peft_prefix_plus.tuner import attention
 from peft_prefix_plus.tuner.config import site_layer_shapes
@@ -418,9 +419,16 @@ def test_multimodal_prefixes_reach_the_language_model_and_no_vision_tower(family
     assert not torch.allclose(forward_logits(model, other), adapted_logits)
     with model.disable_adapter():
         assert torch.equal(forward_logits(model, batch), base_logits)
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(reference, tmp_path).eval()
+    model.save_pretrained(tmp_path / "mlp")
+    loaded = PeftModel.from_pretrained(frozen_copy(reference), tmp_path / "mlp").eval()
     assert torch.equal(forward_logits(loaded, batch), adapted_logits)
+    # the MLP merged in memory and on disk: the same outputs, and the same tensors
+    model.merge_mlp()
+    assert (forward_logits(model, batch) - adapted_logits).abs().max() <= 1e-5
+    model.save_pretrained(tmp_path / "merged")
+    merge_mlp_files(tmp_path / "mlp", tmp_path / "on-disk")
+    in_memory, on_disk = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("merged", "on-disk"))
+    assert in_memory.keys() == on_disk.keys() and all(torch.equal(in_memory[k], on_disk[k]) for k in in_memory)
 
 
 @pytest.mark.parametrize("attn", IMPLEMENTATIONS)
@@ -690,7 +698,7 @@ def test_vision_language_processor_path_as_users_write_it():
 
 
 @pytest.mark.parametrize("attn", IMPLEMENTATIONS)
-def test_layers_that_share_kv_attend_their_own_prefix(attn):
+def test_layers_that_share_kv_attend_their_own_prefix(attn, tmp_path):
     """Gemma 3n's last layers reuse an earlier layer's keys and values (`num_kv_shared_layers`). By design each of
     them attends its own prefix: prefixes stay out of the cache (a seeded one would reach the sharing layers as real
     keys), cached generation equals recomputation, and the sharing layers' prefixes get gradients."""
@@ -703,6 +711,7 @@ def test_layers_that_share_kv_attend_their_own_prefix(attn):
     )  # fmt: skip
     torch.manual_seed(0)
     base = transformers.Gemma3nForCausalLM(config)
+    reference = frozen_copy(base)
     model = get_peft_model(
         base, PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=False)
     )
@@ -719,6 +728,9 @@ def test_layers_that_share_kv_attend_their_own_prefix(attn):
     assert not any(getattr(layer, "prefix_length", 0) for layer in returned_cache(cached).layers)
     assert torch.equal(cached.sequences, recomputed.sequences)
     torch.testing.assert_close(torch.stack(cached.scores), torch.stack(recomputed.scores), rtol=1e-4, atol=1e-5)
+    before = forward_logits(model, batch)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(forward_logits(PeftModel.from_pretrained(reference, tmp_path).eval(), batch), before)
 
 
 def test_deberta_v2_is_refused_with_lora_named_as_the_way_out():
