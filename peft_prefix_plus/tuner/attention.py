@@ -8,7 +8,7 @@ and values of the calling module in front of its real keys and values, extend th
 model's ``config._attn_implementation`` to one of them is all the model sees; no modeling code is copied.
 
 Which modules are attention layers, and which site each one belongs to, is found by
-`peft_prefix_plus.discovery`.
+`peft_prefix_plus.tuner.discovery`.
 """
 
 from __future__ import annotations
