@@ -33,7 +33,7 @@ from benchmarks.common import DTYPES, RunOptions, load_average  # noqa: E402
 SUITES = ("train", "decode", "size", "merge", "quality")
 #: `benchmarks.suite_quality.PARTS`, spelled out so that `--help` imports no suite (a test keeps them equal).
 QUALITY_PARTS = (
-    "seq2seq", "smollm2_full", "smollm2_low", "smollm2_sweep", "smollm2_best_full", "smollm2_best_low",
+    "seq2seq", "smollm2_full", "smollm2_low", "smollm2_sweep", "smollm2_best_full", "smollm2_best_low", "smollm2_long",
 )  # fmt: skip
 #: The published figures (committed); written only when ``--out`` names this folder.
 PUBLISHED_OUT = REPO / "benchmarks" / "results"

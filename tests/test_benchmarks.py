@@ -13,8 +13,10 @@ import sys
 import warnings
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+import transformers
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -433,3 +435,38 @@ def test_quality_recipe_parts_run_their_recipes_with_their_schedules(tmp_path: P
 
 def test_run_py_spells_out_the_quality_parts() -> None:
     assert bench.QUALITY_PARTS == suite_quality.PARTS
+
+
+@pytest.mark.parametrize("init", ["zero", "random"])
+def test_fan_in_rates_give_the_mlp_a_raw_prefix_step(init: str) -> None:
+    """Under uniform rates one AdamW step moves every output of a prefix MLP by about ``0.45 * hidden * lr`` (the
+    weight's entries move together); under :func:`fan_in_param_groups` by a small multiple of ``lr``, as a raw
+    prefix moves. The groups put each linear weight at ``lr / in_features`` and everything else at ``lr``."""
+    from peft_prefix_plus import PrefixPlusConfig
+
+    lr = 1e-2
+    steps = {}
+    for rates in ("uniform", "fan_in"):
+        torch.manual_seed(0)
+        base = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)
+        )  # fmt: skip
+        config = PrefixPlusConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, init_weights=init, token_dim=96)
+        model = peft.get_peft_model(base, config)
+        groups = suite_quality.fan_in_param_groups(model, lr) if rates == "fan_in" else model.parameters()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+        encoder = model.base_model.prefix_plus_layer.prefix_plus_sites["default"]["self"]
+        before = encoder.project().detach().clone()
+        model(input_ids=torch.randint(0, 64, (2, 6)), labels=torch.randint(0, 64, (2, 6))).loss.backward()
+        optimizer.step()
+        steps[rates] = (encoder.project().detach() - before).abs().mean().item() / lr
+        if rates == "fan_in":
+            by_rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+            assert {by_rate[id(p)] for p in encoder.mlp.parameters() if p.ndim == 2} == {lr / 96}
+            assert by_rate[id(encoder.embedding.weight)] == lr
+            assert {by_rate[id(p)] for p in encoder.mlp.parameters() if p.ndim == 1} == {lr}
+            assert len(by_rate) == len(params)
+    assert steps["uniform"] > 10 * steps["fan_in"]
+    assert steps["fan_in"] < 3
