@@ -154,6 +154,8 @@ LM_SWEEP = {
     "pp_text_fanin_5e-3": Recipe("pp", 5e-3, init="text", rates="fan_in"),
     "pp_text_fanin_1.5e-2": Recipe("pp", 1.5e-2, init="text", rates="fan_in"),
     "pp_text_fanin_5e-2": Recipe("pp", 5e-2, init="text", rates="fan_in"),
+    "pp_text_fanin_1.5e-1": Recipe("pp", 1.5e-1, init="text", rates="fan_in"),
+    "pp_text_h512_fanin_5e-2": Recipe("pp", 5e-2, init="text", hidden=512, rates="fan_in"),
 }
 LM_RECIPES = {**LM_GRID, **LM_SWEEP}
 LM_LRS = {name: recipe.lr for name, recipe in LM_GRID.items()}
@@ -180,7 +182,7 @@ LM_SETTINGS = {
     "sweep": Setting(None, tuple(LM_SWEEP), (0,)),
     "best_full": Setting(None, (), (1, 2, 3)),
     "best_low": Setting(50, (), (1, 2, 3)),
-    "long": Setting(None, ("pp_text", "stock_proj", "lora_r8_3e-3"), (1,), steps=200, curve_every=20),
+    "long": Setting(None, ("pp_text_p100", "stock_proj", "lora_r8_3e-3"), (1,), steps=200, curve_every=20),
 }
 LM_SUBSET_SEED = 1234
 LM_EVAL_LOSS = 100  # validation examples for the final loss
@@ -743,27 +745,32 @@ def lm_targets(rows: list[dict]) -> list[dict]:
                                 "ratio": f"{value:.4f} vs {ref:.4f} ({value - ref:+.4f}; {by[a]['seeds']} vs {by[b]['seeds']} seeds)",
                                 "target": target,
                                 "met": value <= ref if "≤" in target else value < ref})  # fmt: skip
+        # issue 26's targets hold for the best PrefixPlus recipe of the part (lowest mean validation loss)
+        ours = [m for m in by if LM_RECIPES.get(m) and LM_RECIPES[m].kind == "pp"]
+        best = min(ours, key=lambda m: _nan_last(by[m]["loss"])) if ours else None
         lora = next((m for m in by if LM_RECIPES.get(m) and LM_RECIPES[m].kind == "lora"), None)
         if lora is not None and setting != "sweep":
             for method in by:
                 if method in LM_RECIPES and LM_RECIPES[method].kind != "lora":
                     gap = by[method]["loss"] - by[lora]["loss"]
                     target, met = _GAP_TARGETS.get(setting, ("stated, no target", None))
+                    if method != best:
+                        target, met = "stated, no target", None
                     targets.append({"measurement": "gap to LoRA r=8 (mean validation loss)", "case": setting,
                                     "comparison": f"{method} − {lora}", "ratio": f"{gap:+.4f}", "target": target,
                                     "met": met if met is None else gap <= met})  # fmt: skip
-        for method, row in by.items():
-            if setting in _LOSS_TARGETS and LM_RECIPES.get(method) and LM_RECIPES[method].kind == "pp":
-                bound = _LOSS_TARGETS[setting]
-                targets.append({"measurement": "mean validation loss", "case": setting, "comparison": method,
-                                "ratio": f"{row['loss']:.4f} ({row['seeds']} seeds)", "target": f"≤ {bound}",
-                                "met": row["loss"] <= bound})  # fmt: skip
+        if setting in _LOSS_TARGETS and best is not None:
+            bound = _LOSS_TARGETS[setting]
+            targets.append({"measurement": "mean validation loss, best PrefixPlus recipe", "case": setting,
+                            "comparison": best, "ratio": f"{by[best]['loss']:.4f} ({by[best]['seeds']} seeds)",
+                            "target": f"≤ {bound}", "met": by[best]["loss"] <= bound})  # fmt: skip
     return targets
 
 
 #: Issue 26's targets: the best PrefixPlus recipe's mean validation loss per setting (seeds 1-3) ...
 _LOSS_TARGETS = {"best_full": 0.55, "best_low": 0.62}
-#: ... and its gap to LoRA (mean validation loss minus LoRA's): below LoRA with 50 examples, within 0.02 at 200 steps.
+#: ... and its gap to LoRA (its mean validation loss minus LoRA's): below LoRA with 50 examples, within 0.02 at 200
+#: steps. Other recipes' gaps are stated without a target.
 _GAP_TARGETS = {"best_low": ("< 0 (below LoRA)", -1e-12), "long": ("≤ +0.02", 0.02)}
 
 

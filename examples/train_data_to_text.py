@@ -75,6 +75,8 @@ from peft_prefix_plus.training.checkpointing import (
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 PROMPT = "Describe the restaurant in one sentence.\nData: {mr}\nSentence:"
+#: The default text the prefix starts from: the prompt's instruction (10 SmolLM2 tokens, repeated to the prefix length).
+INIT_TEXT = "Describe the restaurant in one sentence.\nData:"
 #: Slots whose value need not appear verbatim in a good sentence, so slot coverage does not count them
 #: (familyFriendly is yes/no); every other slot's value is counted. On the shipped data these are name, eatType,
 #: food, priceRange, customer rating, area and near.
@@ -96,14 +98,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="Replace a finished run in --output_dir (only the files this script writes there are removed).",
     )
     # adapter
-    p.add_argument("--num_virtual_tokens", type=int, default=10, help="Prefix length (decoder self-attention).")
+    p.add_argument("--num_virtual_tokens", type=int, default=100, help="Prefix length (decoder self-attention).")
     p.add_argument("--sites", default="self,encoder,cross", help="Sites to tune (encoder-decoder models).")
     p.add_argument("--mlp_depth", type=int, default=1, help="Hidden layers of the prefix MLP.")
-    p.add_argument("--mlp_hidden_size", type=int, default=512, help="Width of the prefix MLP.")
+    p.add_argument(
+        "--mlp_hidden_size", type=int, default=None, help="Width of the prefix MLP (default: the key/value width)."
+    )
     p.add_argument("--mlp_activation", default="tanh")
     p.add_argument("--no_prefix_projection", action="store_true", help="Train raw prefixes, no MLP.")
     p.add_argument("--layers_to_transform", type=int, nargs="+", default=None)
     p.add_argument("--prefix_dropout", type=float, default=0.0)
+    p.add_argument(
+        "--init_text",
+        default=INIT_TEXT,
+        help='Start the prefix from the base model\'s keys and values on this text (init_weights="text"), by default '
+        'the prompt\'s instruction; "" starts it at random.',
+    )
     p.add_argument(
         "--offset_position_ids",
         action=argparse.BooleanOptionalAction,
@@ -112,9 +122,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "Default: on for decoder-only models, off for encoder-decoder models.",
     )
     # optimisation
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--warmup_steps", type=int, default=10)
+    p.add_argument("--warmup_steps", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=8, help="Batch size per process.")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--max_steps", type=int, default=60, help="Optimizer steps; <= 0 means --num_epochs epochs.")
@@ -404,8 +414,8 @@ def describe(metrics: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def build_config(args: argparse.Namespace, is_encoder_decoder: bool) -> PrefixPlusConfig:
-    """The PrefixPlus configuration given by the command line."""
+def build_config(args: argparse.Namespace, is_encoder_decoder: bool, tokenizer_path: str) -> PrefixPlusConfig:
+    """The PrefixPlus configuration given by the command line (``tokenizer_path``: the tokenizer of ``--init_text``)."""
     lengths: dict[str, Optional[int]] = {}
     if is_encoder_decoder:
         lengths = {
@@ -413,6 +423,9 @@ def build_config(args: argparse.Namespace, is_encoder_decoder: bool) -> PrefixPl
             "cross_num_virtual_tokens": args.num_virtual_tokens if "cross" in args.sites else 0,
         }
     offset = args.offset_position_ids if args.offset_position_ids is not None else not is_encoder_decoder
+    text: dict[str, str] = {}
+    if args.init_text.strip():
+        text = {"init_weights": "text", "init_text": args.init_text, "tokenizer_name_or_path": tokenizer_path}
     return PrefixPlusConfig(
         task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM",
         num_virtual_tokens=args.num_virtual_tokens if "self" in args.sites or not is_encoder_decoder else 0,
@@ -424,6 +437,7 @@ def build_config(args: argparse.Namespace, is_encoder_decoder: bool) -> PrefixPl
         layers_to_transform=args.layers_to_transform,
         offset_position_ids=offset,
         **lengths,
+        **text,
     )
 
 
@@ -483,7 +497,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    config = build_config(args, is_encoder_decoder)
+    config = build_config(args, is_encoder_decoder, tokenizer.name_or_path)
     model = get_peft_model(model, config)
     if resume_from is not None:
         try:

@@ -94,7 +94,8 @@ def test_final_summary_names_the_real_files_and_the_next_commands(finished_run):
 
 def test_summary_json_arguments_are_typed(finished_run):
     args = json.loads((finished_run["out"] / "summary.json").read_text())["args"]
-    assert args["max_steps"] == 2 and args["learning_rate"] == 1e-3 and args["keep_checkpoints"] is True
+    assert args["max_steps"] == 2 and args["learning_rate"] == 2e-3 and args["keep_checkpoints"] is True
+    assert args["init_text"] == load_example_module().INIT_TEXT and args["mlp_hidden_size"] is None
     assert args["overwrite_output_dir"] is False and args["layers_to_transform"] is None
     assert args["offset_position_ids"] is None  # the default: on for decoder-only models (see the adapter config)
     assert args["sites"] == ["self", "encoder", "cross"]
@@ -148,6 +149,18 @@ def test_train_merge_export_then_load_in_plain_peft(finished_run, tmp_path, sour
     with torch.no_grad(), prefix_plus.disable_adapter():
         plain = prefix_plus(input_ids=torch.tensor(ids)).logits
     assert not torch.allclose(ours, plain, atol=1e-4)  # the prefix matters
+
+
+def test_the_default_prefix_starts_from_the_instruction_and_an_empty_text_starts_it_at_random(tiny_model):
+    """The recommended recipe (benchmarks/README.md, issue 26) is the example's default: text initialisation from the
+    prompt's instruction, with the model's own tokenizer; ``--init_text ""`` gives the random initialisation."""
+    module = load_example_module()
+    config = module.build_config(module.parse_args([]), False, str(tiny_model))
+    assert (config.init_weights, config.init_text) == ("text", module.INIT_TEXT)
+    assert config.tokenizer_name_or_path == str(tiny_model) and config.mlp_hidden_size is None
+    assert module.PROMPT.startswith(module.INIT_TEXT)
+    config = module.build_config(module.parse_args(["--init_text", ""]), False, str(tiny_model))
+    assert (config.init_weights, config.init_text) == ("random", None)
 
 
 def test_finished_output_dir_is_not_overwritten(finished_run):
@@ -207,7 +220,7 @@ def test_checkpoint_of_another_adapter_config_is_refused_before_training(finishe
     result = resume(finished_run, tmp_path, checkpoint, "--num_virtual_tokens", "3", "--mlp_depth", "2")
     assert result.returncode != 0
     assert "another adapter configuration" in result.stderr
-    assert "num_virtual_tokens: checkpoint 10, now 3" in result.stderr and "mlp_depth" in result.stderr
+    assert "num_virtual_tokens: checkpoint 100, now 3" in result.stderr and "mlp_depth" in result.stderr
     assert "Traceback" not in result.stderr and "[3/7] training" not in result.stdout
     assert not (tmp_path / "out" / "summary.json").exists()
 
