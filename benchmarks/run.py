@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("all", "smollm2", *QUALITY_PARTS),
         default="all",
         help="quality suite: all (seq2seq and the SmolLM2 grid), smollm2 (the grid: full and low data), or one part "
-        "(smollm2_sweep: the recipe search at seed 0; smollm2_best_full/_low: chosen recipes at seeds 1-3)",
+        "(smollm2_sweep: the recipe search at seed 0; smollm2_best_full/_low: chosen recipes at seeds 1-3; "
+        "smollm2_long: 200 steps)",
     )
     parser.add_argument(
         "--quality-methods", nargs="+", default=None, help="quality suite, SmolLM2 parts: only these methods"

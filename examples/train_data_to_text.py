@@ -59,7 +59,7 @@ from training_utils import (
     plot_loss,
     resume_position,
 )
-from transformers import get_linear_schedule_with_warmup
+from transformers import SchedulerType, get_scheduler
 
 import peft_prefix_plus  # noqa: F401 - registers PREFIX_PLUS with PEFT
 from peft_prefix_plus import PrefixPlusConfig
@@ -75,6 +75,8 @@ from peft_prefix_plus.training.checkpointing import (
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 PROMPT = "Describe the restaurant in one sentence.\nData: {mr}\nSentence:"
+#: The default learning rates (benchmarks/README.md, "Which recipe closes the gap to LoRA"): an MLP's, and raw prefixes'.
+MLP_LR, RAW_PREFIX_LR = 2e-3, 5e-2
 #: The default text the prefix starts from: the prompt's instruction (10 SmolLM2 tokens, repeated to the prefix length).
 INIT_TEXT = "Describe the restaurant in one sentence.\nData:"
 #: Slots whose value need not appear verbatim in a good sentence, so slot coverage does not count them
@@ -112,7 +114,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--init_text",
         default=INIT_TEXT,
         help='Start the prefix from the base model\'s keys and values on this text (init_weights="text"), by default '
-        'the prompt\'s instruction; "" starts it at random.',
+        'the prompt\'s instruction; "" starts it at random. Measured on SmolLM2; encoder-decoder models never read '
+        "the instruction, but start from its keys and values all the same.",
     )
     p.add_argument(
         "--offset_position_ids",
@@ -122,7 +125,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "Default: on for decoder-only models, off for encoder-decoder models.",
     )
     # optimisation
-    p.add_argument("--learning_rate", type=float, default=2e-3)
+    p.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="Peak learning rate (default: 2e-3 for an MLP, 5e-2 for raw prefixes, the rates measured best).",
+    )
+    p.add_argument(
+        "--lr_scheduler_type",
+        default="constant_with_warmup",
+        choices=[t.value for t in SchedulerType],
+        help="transformers' schedule after the warmup (default: constant, as measured).",
+    )
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--warmup_steps", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=8, help="Batch size per process.")
@@ -166,6 +180,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--sites: unknown site(s) {sorted(unknown)}; use self, encoder, cross.")
     if args.untuned_eval_samples < 0:
         p.error("--untuned_eval_samples must be 0 (all validation examples) or a positive number.")
+    if args.learning_rate is None:
+        args.learning_rate = RAW_PREFIX_LR if args.no_prefix_projection else MLP_LR
     return args
 
 
@@ -499,6 +515,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     config = build_config(args, is_encoder_decoder, tokenizer.name_or_path)
     model = get_peft_model(model, config)
+    if config.init_weights == "text":
+        # the text pass ran with the local tokenizer; the saved and pushed config names the base model (its Hub id for
+        # the offline SmolLM2) instead of this machine's cache path; loading never runs the text pass
+        adapter_config = model.peft_config["default"]
+        adapter_config.tokenizer_name_or_path = adapter_config.base_model_name_or_path
     if resume_from is not None:
         try:
             check_checkpoint_compatible(resume_from, model)
@@ -527,8 +548,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     # prepared, so that Accelerate saves its state as plain data (scheduler.bin, loaded with weights_only=True); a
     # prepared scheduler steps once per process at each optimizer step, so its lengths are given in those units
     world = accelerator.num_processes
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, min(args.warmup_steps, max_steps // 10) * world, max_steps * world
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, min(args.warmup_steps, max_steps // 10) * world, max_steps * world
     )
     scheduler = accelerator.prepare(scheduler)
     unwrapped = accelerator.unwrap_model(model)

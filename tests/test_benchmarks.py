@@ -439,7 +439,7 @@ def test_run_py_spells_out_the_quality_parts() -> None:
 
 @pytest.mark.parametrize("init", ["zero", "random"])
 def test_fan_in_rates_give_the_mlp_a_raw_prefix_step(init: str) -> None:
-    """Under uniform rates one AdamW step moves every output of a prefix MLP by about ``0.45 * hidden * lr`` (the
+    """Under uniform rates one AdamW step moves every output of a prefix MLP by up to ``0.45 * hidden * lr`` (the
     weight's entries move together); under :func:`fan_in_param_groups` by a small multiple of ``lr``, as a raw
     prefix moves. The groups put each linear weight at ``lr / in_features`` and everything else at ``lr``."""
     from peft_prefix_plus import PrefixPlusConfig
@@ -470,3 +470,35 @@ def test_fan_in_rates_give_the_mlp_a_raw_prefix_step(init: str) -> None:
             assert len(by_rate) == len(params)
     assert steps["uniform"] > 10 * steps["fan_in"]
     assert steps["fan_in"] < 3
+
+
+def test_issue_26_targets_judge_the_best_prefix_recipe_against_the_best_lora() -> None:
+    """Only the part's best PrefixPlus recipe carries the loss and gap targets, measured against the best LoRA run
+    of the part; the other recipes' gaps are stated without a target."""
+
+    def rows(part: str, losses: dict[str, float]) -> list[dict]:
+        return [{"part": part, "method": m, "loss": v, "seeds": 3} for m, v in losses.items()]
+
+    found = suite_quality.lm_targets(
+        rows("smollm2_best_low", {"pp_text": 0.68, "pp_text_p100": 0.61, "lora_r8": 0.70, "lora_r8_3e-3": 0.65})
+        + rows("smollm2_long", {"pp_text_p100": 0.40, "stock_proj": 0.45, "lora_r8_3e-3": 0.39})
+    )
+    by = {(t["case"], t["comparison"]): t for t in found}
+    assert by[("best_low", "pp_text_p100")]["met"] is True  # 0.61 <= 0.62
+    gap = by[("best_low", "pp_text_p100 − lora_r8_3e-3")]  # the better LoRA run is the reference
+    assert gap["ratio"] == "-0.0400" and gap["met"] is True
+    assert by[("best_low", "pp_text − lora_r8_3e-3")]["met"] is None
+    assert ("best_low", "pp_text") not in by  # only the best recipe gets the loss target
+    long_gap = by[("long", "pp_text_p100 − lora_r8_3e-3")]
+    assert long_gap["target"] == "≤ +0.02" and long_gap["met"] is True
+    assert by[("long", "stock_proj − lora_r8_3e-3")]["met"] is None
+
+
+def test_prefix_length_plot_comes_from_the_sweep_runs(tmp_path: Path) -> None:
+    runs = [{"method": m, "seed": 0, "lr": 2e-3, "eval_loss": v, "bleu": 30.0} for m, v in
+            (("pp_text", 0.57), ("pp_text_p30", 0.59), ("pp_text_p100", 0.57), ("lora_r8", 0.5))]  # fmt: skip
+    assert suite_quality.plot_prefix_length({"runs": {"smollm2_sweep": runs}}, str(tmp_path)) == [
+        "quality_prefix_length.png"
+    ]
+    assert (tmp_path / "quality_prefix_length.png").stat().st_size > 1000
+    assert suite_quality.plot_prefix_length({"runs": {"smollm2_sweep": runs[:1]}}, str(tmp_path / "none")) == []

@@ -53,6 +53,7 @@ def test_example_smoke_runs_end_to_end(finished_run):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["prefix_projection"] is False and config["merged_from"] and config["offset_position_ids"] is True
     assert config["base_model_name_or_path"] == finished_run["model"]
+    assert config["init_weights"] == "text" and config["tokenizer_name_or_path"] == finished_run["model"]
     assert not any(".mlp." in key for key in load_file(str(adapter / "adapter_model.safetensors")))
     # --keep_checkpoints kept the step-1 checkpoint, which holds the MLP
     checkpoint = out / "checkpoints" / "checkpoint-1"
@@ -161,6 +162,21 @@ def test_the_default_prefix_starts_from_the_instruction_and_an_empty_text_starts
     assert module.PROMPT.startswith(module.INIT_TEXT)
     config = module.build_config(module.parse_args(["--init_text", ""]), False, str(tiny_model))
     assert (config.init_weights, config.init_text) == ("random", None)
+    # encoder-decoder models: every site starts from the text, each with the prefix length
+    config = module.build_config(module.parse_args([]), True, str(tiny_model))
+    assert config.init_weights == "text" and config.task_type == "SEQ_2_SEQ_LM"
+    assert (config.num_virtual_tokens, config.encoder_num_virtual_tokens, config.cross_num_virtual_tokens) == (
+        100,
+    ) * 3
+
+
+def test_the_default_learning_rate_and_schedule_are_the_measured_ones():
+    """2e-3 for an MLP, 5e-2 for raw prefixes (unless given), constant after the warmup."""
+    module = load_example_module()
+    assert module.parse_args([]).learning_rate == 2e-3
+    assert module.parse_args(["--no_prefix_projection"]).learning_rate == 5e-2
+    assert module.parse_args(["--no_prefix_projection", "--learning_rate", "1e-2"]).learning_rate == 1e-2
+    assert module.parse_args([]).lr_scheduler_type == "constant_with_warmup"
 
 
 def test_finished_output_dir_is_not_overwritten(finished_run):
@@ -350,3 +366,5 @@ def test_example_on_real_smollm2_records_the_hub_id_as_base_model(tmp_path):
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert summary["base_model_name_or_path"] == SMOLLM2_HUB_ID
+    # the prefix started from the instruction, read with the cached tokenizer; the file names the Hub id instead
+    assert config["init_weights"] == "text" and config["tokenizer_name_or_path"] == SMOLLM2_HUB_ID
