@@ -69,3 +69,27 @@ def test_encoder_and_decoder_called_alone_see_their_prefixes(family):
     assert torch.allclose(encoded, full.encoder_last_hidden_state, atol=1e-6)
     assert torch.allclose(decoded, full.decoder_hidden_states[-1], atol=1e-6)
     assert not torch.allclose(encoded, base_encoded, atol=1e-3), "the encoder ran without its prefix"
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_a_loaded_model_in_training_mode_gets_its_prefix(family, tmp_path):
+    """transformers 5.25 loads models with the `kernels` package on by default, and its `train()`/`eval()` re-kernelize
+    a model whose mode changes, which `kernelize` refuses on the meta device where site discovery probes. A model
+    loaded with `from_pretrained` and put in training mode (as any training loop does first) must still get its
+    prefix: the probe sets eval mode without calling `eval()`."""
+    import transformers
+
+    base, task_type = tiny_model(family)
+    base.save_pretrained(tmp_path)
+    auto = transformers.AutoModelForSeq2SeqLM if task_type == "SEQ_2_SEQ_LM" else transformers.AutoModelForCausalLM
+    loaded = auto.from_pretrained(tmp_path).train()
+    batch = batch_for(task_type)
+    with torch.no_grad():
+        plain = loaded.eval()(**batch).logits
+    loaded.train()
+    model = get_peft_model(
+        loaded, PrefixPlusConfig(task_type=task_type, num_virtual_tokens=3, **site_kwargs(task_type))
+    )
+    with torch.no_grad():
+        prefixed = model.eval()(**batch).logits
+    assert prefixed.shape == plain.shape and not torch.allclose(prefixed, plain, atol=1e-4)

@@ -206,8 +206,12 @@ def _probe_pass(
             copied.register_forward_pre_hook(
                 lambda module, args, kwargs: (args, {**kwargs, _PROBE_MARKER: True}), with_kwargs=True
             )
+    # eval mode without `eval()`: transformers' `train()` re-kernelizes a model loaded with the `kernels` package (the
+    # default since 5.25) when the mode changes, and `kernelize` refuses the meta device
+    for module in probe.modules():
+        module.training = False
     with torch.no_grad():
-        probe.eval()(**inputs)
+        probe(**inputs)
     return [(originals[id(call[0])], *call[1:]) for call in calls]
 
 
