@@ -941,7 +941,8 @@ def plot(result: dict, out_dir: str) -> list[str]:
                     continue
                 curves = torch.tensor([r["curve_loss"] for r in mine])
                 mean = curves.mean(0)
-                color = plt.get_cmap("tab20")(list(LM_RECIPES).index(method) % 20)  # one colour per method
+                index = list(LM_RECIPES).index(method)  # one colour per method in every panel: ten dark hues,
+                color = plt.get_cmap("tab20")((2 * index + index // 10) % 20)  # then their light shades
                 label = f"{method} (lr {mine[0]['lr']:g}, {len(mine)} seed{'s' if len(mine) > 1 else ''})"
                 ax.plot(mine[0]["curve_steps"], mean, label=label, linewidth=1.5, color=color)
                 if len(mine) > 1:
