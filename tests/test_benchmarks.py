@@ -502,3 +502,17 @@ def test_prefix_length_plot_comes_from_the_sweep_runs(tmp_path: Path) -> None:
     ]
     assert (tmp_path / "quality_prefix_length.png").stat().st_size > 1000
     assert suite_quality.plot_prefix_length({"runs": {"smollm2_sweep": runs[:1]}}, str(tmp_path / "none")) == []
+
+
+def test_long_part_runs_its_three_methods_at_their_own_rates(tmp_path: Path) -> None:
+    """``smollm2_long`` (200 steps in a real run; 2 in a smoke run) trains the best PrefixPlus recipe, stock with
+    projection and LoRA at its 200-step rate, with the untuned baseline, and records each run's rate and curve."""
+    out = ["--suite", "quality", "--smoke", "--out", str(tmp_path), "--quality-part", "smollm2_long"]
+    assert bench.main(out) == 0
+    quality = json.loads((tmp_path / "results.json").read_text())["suites"]["quality"]
+    runs = {run["method"]: run for run in quality["runs"]["smollm2_long"]}
+    assert set(runs) == {"untuned", *suite_quality.LM_SETTINGS["long"].methods}
+    assert runs["lora_r8_3e-3"]["lr"] == 3e-3 and runs["pp_text_p100"]["recipe"]["prefix"] == 100
+    assert all(run["curve_steps"] == [0, 1, 2] for name, run in runs.items() if name != "untuned")
+    assert suite_quality.LM_SETTINGS["long"].steps == 200
+    assert {t["case"] for t in quality["targets"]} == {"long"}  # the gap to LoRA, judged for the best recipe
