@@ -156,6 +156,8 @@ LM_SWEEP = {
     "pp_text_fanin_5e-2": Recipe("pp", 5e-2, init="text", rates="fan_in"),
     "pp_text_fanin_1.5e-1": Recipe("pp", 1.5e-1, init="text", rates="fan_in"),
     "pp_text_h512_fanin_5e-2": Recipe("pp", 5e-2, init="text", hidden=512, rates="fan_in"),
+    # the 200-step part's schedule question: the best recipe's rate decayed to 0 (cosine) instead of constant
+    "pp_text_p100_cosine": Recipe("pp", 2e-3, prefix=100, init="text", schedule="cosine"),
 }
 LM_RECIPES = {**LM_GRID, **LM_SWEEP}
 LM_LRS = {name: recipe.lr for name, recipe in LM_GRID.items()}
