@@ -59,7 +59,7 @@ from training_utils import (
     plot_loss,
     resume_position,
 )
-from transformers import SchedulerType, get_scheduler
+from transformers import get_scheduler
 
 import peft_prefix_plus  # noqa: F401 - registers PREFIX_PLUS with PEFT
 from peft_prefix_plus import PrefixPlusConfig
@@ -77,6 +77,17 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 PROMPT = "Describe the restaurant in one sentence.\nData: {mr}\nSentence:"
 #: The default learning rates (benchmarks/README.md, "Which recipe closes the gap to LoRA"): an MLP's, and raw prefixes'.
 MLP_LR, RAW_PREFIX_LR = 2e-3, 5e-2
+#: transformers' schedules that need nothing but the warmup and the step count (the others need extra arguments or a
+#: metric to step on).
+SCHEDULERS = (
+    "constant_with_warmup",
+    "constant",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "inverse_sqrt",
+)
 #: The default text the prefix starts from: the prompt's instruction (10 SmolLM2 tokens, repeated to the prefix length).
 INIT_TEXT = "Describe the restaurant in one sentence.\nData:"
 #: Slots whose value need not appear verbatim in a good sentence, so slot coverage does not count them
@@ -134,7 +145,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--lr_scheduler_type",
         default="constant_with_warmup",
-        choices=[t.value for t in SchedulerType],
+        choices=SCHEDULERS,
         help="transformers' schedule after the warmup (default: constant, as measured).",
     )
     p.add_argument("--weight_decay", type=float, default=0.0)

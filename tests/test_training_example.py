@@ -368,3 +368,16 @@ def test_example_on_real_smollm2_records_the_hub_id_as_base_model(tmp_path):
     assert summary["base_model_name_or_path"] == SMOLLM2_HUB_ID
     # the prefix started from the instruction, read with the cached tokenizer; the file names the Hub id instead
     assert config["init_weights"] == "text" and config["tokenizer_name_or_path"] == SMOLLM2_HUB_ID
+
+
+def test_every_offered_schedule_builds_and_others_are_refused_before_loading(capsys):
+    """`--lr_scheduler_type` offers only transformers' schedules that need nothing but the warmup and step count."""
+    import transformers
+
+    module = load_example_module()
+    for name in module.SCHEDULERS:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        transformers.get_scheduler(name, optimizer, 0, 60)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--lr_scheduler_type", "reduce_lr_on_plateau"])
+    assert "invalid choice: 'reduce_lr_on_plateau'" in capsys.readouterr().err
